@@ -1,0 +1,79 @@
+"""The exception hierarchy of fp8convert and the exit codes the CLI maps them to.
+
+Every error says what went wrong, where (file, tensor) and how to fix it. Errors that collect several
+problems (validation reports all of them at once) keep them in ``problems``.
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # conversion error: bad input, unsupported layout, output problem
+EXIT_USAGE = 2  # click's own usage errors
+EXIT_VERIFY = 3  # verification failed
+
+
+class Fp8ConvertError(Exception):
+    """Base class. ``where`` names the file/tensor, ``hint`` says how to fix it."""
+
+    exit_code = EXIT_ERROR
+    kind = "error"
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None,
+                 problems: list[str] | None = None) -> None:
+        self.message = message
+        self.where = where
+        self.hint = hint
+        self.problems = list(problems or [])
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        parts = [self.message]
+        if self.where:
+            parts[0] = f"{self.where}: {self.message}"
+        for p in self.problems:
+            parts.append(f"  - {p}")
+        if self.hint:
+            parts.append(f"Fix: {self.hint}")
+        return "\n".join(parts)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"type": type(self).__name__, "message": self.message, "where": self.where,
+                "hint": self.hint, "problems": self.problems, "exit_code": self.exit_code}
+
+
+class CheckpointError(Fp8ConvertError, ValueError):
+    """The source checkpoint is malformed or inconsistent."""
+
+
+class UnknownFormatError(CheckpointError):
+    """No reader recognised the checkpoint."""
+
+
+class AmbiguousFormatError(CheckpointError):
+    """More than one reader recognised the checkpoint."""
+
+
+class MissingTensorError(CheckpointError):
+    """A tensor the layout requires is absent (e.g. an fp8 weight without its scale)."""
+
+
+class UnsupportedSchemeError(CheckpointError):
+    """The layout is known but this variant of it is not supported."""
+
+
+class OutputError(Fp8ConvertError, OSError):
+    """The output location is unusable (not empty, inside the source, ...)."""
+
+
+class HubError(Fp8ConvertError, OSError):
+    """Downloading from the Hugging Face Hub failed."""
+
+
+class RecipeError(Fp8ConvertError, ValueError):
+    """A recipe file is invalid."""
+
+
+class VerificationError(Fp8ConvertError):
+    """A converted artifact failed verification."""
+
+    exit_code = EXIT_VERIFY

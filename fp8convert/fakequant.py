@@ -1,0 +1,301 @@
+"""The CPU runtime: ``FakeQuantLinear``, ``swap_linears`` and ``load_cpu_model``.
+
+``FakeQuantLinear`` holds an e4m3fn weight with its scale and computes, with plain torch ops, what
+fms-model-optimizer's ``FP8Linear`` computes on CPU (AIU_TARGET.md "CPU fallback semantics, bit-exact"):
+
+- ``fallback`` (default): the fms-model-optimizer PR #200 fallback, ``F.linear`` on activations and
+  weights dequantized into the weight-scale dtype. Equal, bit for bit, to released fms-mo 0.8.2-0.8.7
+  whenever the scale dtype is the activation dtype (the AIU artifact: bf16/bf16).
+- ``fms-mo``: the released 0.8.2-0.8.7 CPU path exactly (torchao quantization + fms-mo's ``_scaled_mm``
+  override): weights dequantized into the activation dtype, ``torch.addmm``/``torch.mm`` in that dtype.
+- ``hardware``: exact fp8 products accumulated in fp32, scales applied after, one rounding to the
+  activation dtype (closest to FP8 tensor cores, NUMERICS.md).
+
+Activations are quantized the same way in all three: the amax is taken in the activation dtype, the
+scale ``amax / 448`` is evaluated in that dtype and clamped at ``2**-23``, and the codes are
+``e4m3fn(clamp(fp32(x) * reciprocal(scale), +-448))``. Bit-exactness holds for one torch build and CPU
+ISA: only torch ops of the same dtype and layout are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8convert.errors import CheckpointError, Fp8ConvertError
+from fp8convert.spec import CPU_PLAN_NAME, ActScheme, Granularity, Numerics
+
+logger = logging.getLogger(__name__)
+
+E4M3_MAX = 448.0
+_EPS = torch.finfo(torch.float32).eps
+
+
+def quantize_activation(x: torch.Tensor, activation: ActScheme,
+                        input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchao 0.11's activation quantization as fms-mo calls it.
+
+    Returns (codes e4m3fn shaped like x, fp32 scale shaped ``[..., 1]`` per token or ``[1]*x.dim()``).
+    """
+    if activation is ActScheme.STATIC_TENSOR:
+        assert input_scale is not None
+        s = input_scale.squeeze().to(torch.float32).reshape([1] * x.dim())
+    else:
+        if activation is ActScheme.DYNAMIC_TENSOR:
+            flat = x.reshape(-1)
+            mn, mx = flat.amin(0), flat.amax(0)
+        elif activation is ActScheme.DYNAMIC_TOKEN:
+            mn, mx = x.amin(-1), x.amax(-1)
+        else:
+            raise ValueError(f"no activation quantization for {activation}")
+        amax = torch.max(-torch.min(mn, torch.zeros_like(mn)), torch.max(mx, torch.zeros_like(mx)))
+        s = torch.clamp(amax / E4M3_MAX, min=_EPS).to(torch.float32)  # amax / 448 evaluated in x.dtype
+        s = s.unsqueeze(-1) if activation is ActScheme.DYNAMIC_TOKEN else s.reshape([1] * x.dim())
+    q = torch.clamp(x * s.reciprocal(), -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, s
+
+
+class FakeQuantLinear(nn.Module):
+    """A linear layer with an fp8 e4m3fn weight, computed on CPU the way fms-model-optimizer does.
+
+    Buffers: ``weight`` ``[out, in]`` e4m3fn; ``weight_scale`` ``[out, 1]`` (channel) or ``[1]`` (tensor),
+    bf16 in an AIU artifact; ``input_scale`` ``[1]`` for static per-tensor activations; ``bias`` ``[out]``.
+    The output has the dtype of the input.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
+                 weight_granularity: Granularity = Granularity.CHANNEL,
+                 activation: ActScheme = ActScheme.DYNAMIC_TOKEN, numerics: Numerics = Numerics.FALLBACK,
+                 scale_dtype: torch.dtype = torch.bfloat16, cache_dequantized: bool = False,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if weight_granularity not in (Granularity.CHANNEL, Granularity.TENSOR):
+            raise ValueError(f"FakeQuantLinear runs channel or tensor weights, not {weight_granularity}")
+        if activation not in (ActScheme.NONE, ActScheme.STATIC_TENSOR, ActScheme.DYNAMIC_TENSOR,
+                              ActScheme.DYNAMIC_TOKEN):
+            raise ValueError(f"FakeQuantLinear does not run {activation} activations")
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_granularity = Granularity(weight_granularity)
+        self.activation = ActScheme(activation)
+        self.numerics = Numerics(numerics)
+        self.cache_dequantized = cache_dequantized
+        self._cache: tuple[torch.dtype, torch.Tensor] | None = None
+        scale_shape = (out_features, 1) if self.weight_granularity is Granularity.CHANNEL else (1,)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=scale_dtype, device=device))
+        if self.activation is ActScheme.STATIC_TENSOR:
+            self.register_buffer("input_scale", torch.ones(1, dtype=scale_dtype, device=device))
+        else:
+            self.input_scale = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=scale_dtype, device=device))
+        else:
+            self.bias = None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"weight={self.weight_granularity}, activation={self.activation}, numerics={self.numerics}")
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        self._cache = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ---- weight dequantization ----------------------------------------------------------------
+    def _scale_rows(self) -> torch.Tensor:
+        """fp32 weight scale broadcastable against ``[out, in]``."""
+        s = self.weight_scale.to(torch.float32)
+        return s.reshape(-1, 1) if self.weight_granularity is Granularity.CHANNEL else s.reshape(1, 1)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """``round_dtype(fp32(weight) * fp32(weight_scale))``, ``[out, in]`` contiguous."""
+        if self._cache is not None and self._cache[0] == dtype:
+            return self._cache[1]
+        w = (self.weight.to(dtype) * self._scale_rows()).to(dtype)
+        if self.cache_dequantized:
+            self._cache = (dtype, w)
+        return w
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation is ActScheme.NONE:
+            return self._weight_only(x)
+        if self.numerics is Numerics.HARDWARE:
+            return self._hardware(x)
+        if self.numerics is Numerics.FMS_MO:
+            return self._fms_mo(x)
+        return self._fallback(x)
+
+    def _weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        """fms-mo's weight-only path: ``F.linear(x.to(ws.dtype), dequant(w), bias).to(x.dtype)``."""
+        wd = self.weight_scale.dtype if self.numerics is not Numerics.HARDWARE else torch.float32
+        bias = None if self.bias is None else self.bias.to(wd)
+        return F.linear(x.to(wd), self.dequantized_weight(wd), bias).to(x.dtype)
+
+    def _x_dequant(self, q: torch.Tensor, s: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        k = q.shape[-1]
+        scale = s.reshape(()) if self.activation is not ActScheme.DYNAMIC_TOKEN else s.reshape(-1, 1)
+        return (q.reshape(-1, k).to(dt) * scale).to(dt)
+
+    def _fms_mo(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        q, s = quantize_activation(x, self.activation, self.input_scale)
+        x_dq = self._x_dequant(q, s, dt)
+        w_t = self.dequantized_weight(dt).T  # [K, N] column-major view, as torchao passes w.T
+        if self.bias is None:
+            out = torch.mm(x_dq, w_t)
+        elif dt == torch.float32:
+            out = torch.mm(x_dq, w_t)
+            out += self.bias
+        else:
+            out = torch.addmm(self.bias.to(dt), x_dq, w_t)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
+        dt, wd = x.dtype, self.weight_scale.dtype
+        q, s = quantize_activation(x, self.activation, self.input_scale)
+        x_dq = self._x_dequant(q, s, dt).reshape(x.shape)
+        bias = None if self.bias is None else self.bias.to(wd)
+        return F.linear(x_dq.to(wd), self.dequantized_weight(wd), bias).to(dt)
+
+    def _hardware(self, x: torch.Tensor) -> torch.Tensor:
+        dt = x.dtype
+        q, s = quantize_activation(x, self.activation, self.input_scale)
+        k = x.shape[-1]
+        acc = torch.mm(q.reshape(-1, k).to(torch.float32), self.weight.to(torch.float32).T)
+        sx = s.reshape(-1, 1) if self.activation is ActScheme.DYNAMIC_TOKEN else s.reshape(1, 1)
+        out = acc * (sx * self._scale_rows().reshape(1, -1))
+        if self.bias is not None:
+            out = out + self.bias.to(torch.float32)
+        return out.to(dt).reshape(*x.shape[:-1], self.out_features)
+
+
+# ---- whole models ----------------------------------------------------------------------------------
+def read_cpu_plan(path: Path) -> dict[str, Any]:
+    """Read ``fp8convert.json`` from a CPU variant directory."""
+    plan_path = Path(path) / CPU_PLAN_NAME
+    try:
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{CPU_PLAN_NAME} not found", where=str(path),
+                              hint="point at the cpu/ directory written by `fp8convert convert --target cpu`") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{CPU_PLAN_NAME} is not valid JSON ({exc})", where=str(plan_path)) from exc
+    if plan.get("format_version") != 1 or not isinstance(plan.get("modules"), dict):
+        raise CheckpointError(f"{CPU_PLAN_NAME} has an unknown layout (format_version {plan.get('format_version')!r})",
+                              where=str(plan_path), hint="convert the model again with this fp8convert version")
+    return plan
+
+
+def swap_linears(model: nn.Module, plan: dict[str, Any], *, numerics: Numerics | str = Numerics.FALLBACK,
+                 cache_dequantized: bool = False) -> list[str]:
+    """Replace the ``nn.Linear`` modules named in ``plan["modules"]`` with ``FakeQuantLinear``.
+
+    ``plan`` is the content of ``fp8convert.json``: ``{"modules": {name: {"weight": "channel"|"tensor",
+    "activation": "dynamic-token"|..., "bias": bool}}}``. The new modules are created on the device of
+    the linear they replace (``meta`` included) and must then be loaded with the checkpoint tensors.
+    Returns the names swapped; raises if a planned module is missing or is not a linear.
+    """
+    swapped, problems = [], []
+    for name, spec in plan["modules"].items():
+        parent_name, _, child = name.rpartition(".")
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+            old = getattr(parent, child)
+        except AttributeError:
+            problems.append(f"{name}: no such module in the model")
+            continue
+        if not isinstance(old, nn.Linear):
+            problems.append(f"{name}: is a {type(old).__name__}, not nn.Linear")
+            continue
+        new = FakeQuantLinear(old.in_features, old.out_features, bias=bool(spec.get("bias")),
+                              weight_granularity=Granularity(spec["weight"]), activation=ActScheme(spec["activation"]),
+                              numerics=Numerics(numerics), cache_dequantized=cache_dequantized,
+                              device=old.weight.device)
+        setattr(parent, child, new)
+        swapped.append(name)
+    if problems:
+        raise CheckpointError("the model does not match the fake-quant plan", problems=problems,
+                              hint="was the model built from the same config.json?")
+    return swapped
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create parameters on the meta device (no memory, no init) but keep buffers (rotary tables) real."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None:
+            kwargs = param.__dict__
+            module._parameters[name] = type(param)(param.to("meta"), **kwargs)  # type: ignore[call-arg]
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def load_cpu_model(path: str | Path, *, numerics: Numerics | str = Numerics.FALLBACK,
+                   activation_dtype: torch.dtype = torch.bfloat16, cache_dequantized: bool = False) -> nn.Module:
+    """Build a transformers causal LM from a CPU variant directory with its linears as ``FakeQuantLinear``.
+
+    Weights stay fp8 (1 byte per parameter) unless ``cache_dequantized``. ``activation_dtype`` fp16 casts
+    every non-fp8 float tensor to fp16, as the AIU stack does. Needs the ``cpu`` extra (transformers).
+    """
+    try:
+        import transformers
+    except ImportError as exc:
+        raise Fp8ConvertError("load_cpu_model needs transformers",
+                              hint='pip install "fp8convert[cpu]"') from exc
+    from safetensors import safe_open
+
+    path = Path(path)
+    plan = read_cpu_plan(path)
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")  # fp8convert does the quantization, not transformers
+    with _parameters_on_meta():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    swap_linears(model, plan, numerics=numerics, cache_dequantized=cache_dequantized)
+    files = sorted({p.name for p in path.glob("*.safetensors")})
+    expected = dict(model.named_parameters()) | dict(model.named_buffers())
+    unexpected = []
+    for file in files:
+        with safe_open(str(path / file), framework="pt") as f:
+            for key in f.keys():
+                if key not in expected:
+                    unexpected.append(key)
+                    continue
+                _assign(model, key, f.get_tensor(key))
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing or unexpected:
+        raise CheckpointError("the checkpoint does not match the model built from config.json", where=str(path),
+                              problems=[f"missing: {m}" for m in missing[:20]] + [f"unexpected: {u}" for u in unexpected[:20]])
+    if activation_dtype != torch.bfloat16:
+        for module in model.modules():
+            for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+                if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn,) and t.dtype != activation_dtype:
+                    _assign(module, name, t.detach().to(activation_dtype))
+    return model.eval()
+
+
+def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    parent_name, _, name = key.rpartition(".")
+    module = model.get_submodule(parent_name) if parent_name else model
+    if name in module._parameters:
+        module._parameters[name] = nn.Parameter(value, requires_grad=False)
+    else:
+        module._buffers[name] = value

@@ -1,0 +1,73 @@
+"""The registry of layout readers: ``register``, ``get``, ``detect_format``.
+
+Each format module registers its reader once, when imported here.
+"""
+
+from __future__ import annotations
+
+from fp8convert.errors import AmbiguousFormatError, UnknownFormatError
+from fp8convert.formats.base import Detection, FormatReader
+from fp8convert.shards import Checkpoint
+
+REGISTRY: dict[str, FormatReader] = {}
+
+
+def register(reader: FormatReader) -> FormatReader:
+    if reader.name in REGISTRY:
+        raise ValueError(f"format {reader.name!r} registered twice")
+    REGISTRY[reader.name] = reader
+    return reader
+
+
+def get(name: str) -> FormatReader:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownFormatError(f"unknown format {name!r}", hint=f"known formats: {', '.join(sorted(REGISTRY))}") from None
+
+
+def _seen(ckpt: Checkpoint, config: dict) -> list[str]:
+    """What a checkpoint shows, for error messages when nothing matched."""
+    qc = config.get("quantization_config")
+    seen = []
+    if isinstance(qc, dict):
+        seen.append(f"config.json quantization_config.quant_method={qc.get('quant_method')!r}")
+    elif "compression_config" in config:
+        seen.append("config.json has a legacy 'compression_config'")
+    else:
+        seen.append("config.json has no quantization_config")
+    dtypes: dict[str, int] = {}
+    for ref in ckpt.tensors.values():
+        dtypes[str(ref.dtype).removeprefix("torch.")] = dtypes.get(str(ref.dtype).removeprefix("torch."), 0) + 1
+    seen.append("tensor dtypes: " + ", ".join(f"{k} x{v}" for k, v in sorted(dtypes.items())))
+    suffixes = sorted({k.rsplit(".", 1)[-1] for k in ckpt.tensors})
+    seen.append("tensor suffixes: " + ", ".join(suffixes[:12]) + (" ..." if len(suffixes) > 12 else ""))
+    return seen
+
+
+def detect_format(ckpt: Checkpoint, config: dict, *, forced: str | None = None) -> tuple[FormatReader, Detection]:
+    """Find the reader for a checkpoint (or validate the one forced with ``--format``)."""
+    if forced:
+        reader = get(forced)
+        det = reader.detect(ckpt, config)
+        if det is None:
+            raise UnknownFormatError(f"--format {forced} was given, but the checkpoint is not in that layout",
+                                     where=str(ckpt.root), problems=_seen(ckpt, config),
+                                     hint="drop --format to let fp8convert detect the layout")
+        return reader, det
+    found = [(r, d) for r in REGISTRY.values() if (d := r.detect(ckpt, config)) is not None]
+    if not found:
+        raise UnknownFormatError(
+            "no supported FP8 layout recognised", where=str(ckpt.root), problems=_seen(ckpt, config),
+            hint=f"supported layouts: {', '.join(sorted(REGISTRY))}; see README 'Supported formats'")
+    if len(found) > 1:
+        raise AmbiguousFormatError("several layouts match", where=str(ckpt.root),
+                                   problems=[f"{d.format}: {d.rule}" for _, d in found],
+                                   hint="pick one with --format NAME")
+    return found[0]
+
+
+# Importing a format module registers its reader.
+from fp8convert.formats import compressed_tensors  # noqa: E402,F401
+
+__all__ = ["REGISTRY", "Detection", "FormatReader", "detect_format", "get", "register"]

@@ -7,5 +7,13 @@ from fp8convert import errors  # noqa: E402
 from fp8convert.fakequant import FakeQuantLinear, load_cpu_model, swap_linears  # noqa: E402
 from fp8convert.pipeline import ConvertOptions, convert, inspect_checkpoint  # noqa: E402
 
-__all__ = ["ConvertOptions", "FakeQuantLinear", "__version__", "convert", "errors", "inspect_checkpoint",
-           "load_cpu_model", "swap_linears"]
+__all__ = [
+    "ConvertOptions",
+    "FakeQuantLinear",
+    "__version__",
+    "convert",
+    "errors",
+    "inspect_checkpoint",
+    "load_cpu_model",
+    "swap_linears",
+]

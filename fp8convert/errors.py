@@ -18,8 +18,9 @@ class Fp8ConvertError(Exception):
     exit_code = EXIT_ERROR
     kind = "error"
 
-    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None,
-                 problems: list[str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, where: str | None = None, hint: str | None = None, problems: list[str] | None = None
+    ) -> None:
         self.message = message
         self.where = where
         self.hint = hint
@@ -37,8 +38,14 @@ class Fp8ConvertError(Exception):
         return "\n".join(parts)
 
     def to_dict(self) -> dict[str, object]:
-        return {"type": type(self).__name__, "message": self.message, "where": self.where,
-                "hint": self.hint, "problems": self.problems, "exit_code": self.exit_code}
+        return {
+            "type": type(self).__name__,
+            "message": self.message,
+            "where": self.where,
+            "hint": self.hint,
+            "problems": self.problems,
+            "exit_code": self.exit_code,
+        }
 
 
 class CheckpointError(Fp8ConvertError, ValueError):

@@ -39,8 +39,9 @@ E4M3_MAX = 448.0
 _EPS = torch.finfo(torch.float32).eps
 
 
-def quantize_activation(x: torch.Tensor, activation: ActScheme,
-                        input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activation(
+    x: torch.Tensor, activation: ActScheme, input_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """torchao 0.11's activation quantization as fms-mo calls it.
 
     Returns (codes e4m3fn shaped like x, fp32 scale shaped ``[..., 1]`` per token or ``[1]*x.dim()``).
@@ -71,16 +72,28 @@ class FakeQuantLinear(nn.Module):
     The output has the dtype of the input.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
-                 weight_granularity: Granularity = Granularity.CHANNEL,
-                 activation: ActScheme = ActScheme.DYNAMIC_TOKEN, numerics: Numerics = Numerics.FALLBACK,
-                 scale_dtype: torch.dtype = torch.bfloat16, cache_dequantized: bool = False,
-                 device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = False,
+        weight_granularity: Granularity = Granularity.CHANNEL,
+        activation: ActScheme = ActScheme.DYNAMIC_TOKEN,
+        numerics: Numerics = Numerics.FALLBACK,
+        scale_dtype: torch.dtype = torch.bfloat16,
+        cache_dequantized: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
         if weight_granularity not in (Granularity.CHANNEL, Granularity.TENSOR):
             raise ValueError(f"FakeQuantLinear runs channel or tensor weights, not {weight_granularity}")
-        if activation not in (ActScheme.NONE, ActScheme.STATIC_TENSOR, ActScheme.DYNAMIC_TENSOR,
-                              ActScheme.DYNAMIC_TOKEN):
+        if activation not in (
+            ActScheme.NONE,
+            ActScheme.STATIC_TENSOR,
+            ActScheme.DYNAMIC_TENSOR,
+            ActScheme.DYNAMIC_TOKEN,
+        ):
             raise ValueError(f"FakeQuantLinear does not run {activation} activations")
         self.in_features, self.out_features = in_features, out_features
         self.weight_granularity = Granularity(weight_granularity)
@@ -89,8 +102,7 @@ class FakeQuantLinear(nn.Module):
         self.cache_dequantized = cache_dequantized
         self._cache: tuple[torch.dtype, torch.Tensor] | None = None
         scale_shape = (out_features, 1) if self.weight_granularity is Granularity.CHANNEL else (1,)
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn,
-                                                   device=device))
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=scale_dtype, device=device))
         if self.activation is ActScheme.STATIC_TENSOR:
             self.register_buffer("input_scale", torch.ones(1, dtype=scale_dtype, device=device))
@@ -102,8 +114,10 @@ class FakeQuantLinear(nn.Module):
             self.bias = None
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weight={self.weight_granularity}, activation={self.activation}, numerics={self.numerics}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight={self.weight_granularity}, activation={self.activation}, numerics={self.numerics}"
+        )
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         self._cache = None
@@ -185,18 +199,29 @@ def read_cpu_plan(path: Path) -> dict[str, Any]:
     try:
         plan = json.loads(plan_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CheckpointError(f"{CPU_PLAN_NAME} not found", where=str(path),
-                              hint="point at the cpu/ directory written by `fp8convert convert --target cpu`") from None
+        raise CheckpointError(
+            f"{CPU_PLAN_NAME} not found",
+            where=str(path),
+            hint="point at the cpu/ directory written by `fp8convert convert --target cpu`",
+        ) from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{CPU_PLAN_NAME} is not valid JSON ({exc})", where=str(plan_path)) from exc
     if plan.get("format_version") != 1 or not isinstance(plan.get("modules"), dict):
-        raise CheckpointError(f"{CPU_PLAN_NAME} has an unknown layout (format_version {plan.get('format_version')!r})",
-                              where=str(plan_path), hint="convert the model again with this fp8convert version")
+        raise CheckpointError(
+            f"{CPU_PLAN_NAME} has an unknown layout (format_version {plan.get('format_version')!r})",
+            where=str(plan_path),
+            hint="convert the model again with this fp8convert version",
+        )
     return plan
 
 
-def swap_linears(model: nn.Module, plan: dict[str, Any], *, numerics: Numerics | str = Numerics.FALLBACK,
-                 cache_dequantized: bool = False) -> list[str]:
+def swap_linears(
+    model: nn.Module,
+    plan: dict[str, Any],
+    *,
+    numerics: Numerics | str = Numerics.FALLBACK,
+    cache_dequantized: bool = False,
+) -> list[str]:
     """Replace the ``nn.Linear`` modules named in ``plan["modules"]`` with ``FakeQuantLinear``.
 
     ``plan`` is the content of ``fp8convert.json``: ``{"modules": {name: {"weight": "channel"|"tensor",
@@ -216,15 +241,24 @@ def swap_linears(model: nn.Module, plan: dict[str, Any], *, numerics: Numerics |
         if not isinstance(old, nn.Linear):
             problems.append(f"{name}: is a {type(old).__name__}, not nn.Linear")
             continue
-        new = FakeQuantLinear(old.in_features, old.out_features, bias=bool(spec.get("bias")),
-                              weight_granularity=Granularity(spec["weight"]), activation=ActScheme(spec["activation"]),
-                              numerics=Numerics(numerics), cache_dequantized=cache_dequantized,
-                              device=old.weight.device)
+        new = FakeQuantLinear(
+            old.in_features,
+            old.out_features,
+            bias=bool(spec.get("bias")),
+            weight_granularity=Granularity(spec["weight"]),
+            activation=ActScheme(spec["activation"]),
+            numerics=Numerics(numerics),
+            cache_dequantized=cache_dequantized,
+            device=old.weight.device,
+        )
         setattr(parent, child, new)
         swapped.append(name)
     if problems:
-        raise CheckpointError("the model does not match the fake-quant plan", problems=problems,
-                              hint="was the model built from the same config.json?")
+        raise CheckpointError(
+            "the model does not match the fake-quant plan",
+            problems=problems,
+            hint="was the model built from the same config.json?",
+        )
     return swapped
 
 
@@ -246,8 +280,13 @@ def _parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
-def load_cpu_model(path: str | Path, *, numerics: Numerics | str = Numerics.FALLBACK,
-                   activation_dtype: torch.dtype = torch.bfloat16, cache_dequantized: bool = False) -> nn.Module:
+def load_cpu_model(
+    path: str | Path,
+    *,
+    numerics: Numerics | str = Numerics.FALLBACK,
+    activation_dtype: torch.dtype = torch.bfloat16,
+    cache_dequantized: bool = False,
+) -> nn.Module:
     """Build a transformers causal LM from a CPU variant directory with its linears as ``FakeQuantLinear``.
 
     Weights stay fp8 (1 byte per parameter) unless ``cache_dequantized``. ``activation_dtype`` fp16 casts
@@ -256,8 +295,7 @@ def load_cpu_model(path: str | Path, *, numerics: Numerics | str = Numerics.FALL
     try:
         import transformers
     except ImportError as exc:
-        raise Fp8ConvertError("load_cpu_model needs transformers",
-                              hint='pip install "fp8convert[cpu]"') from exc
+        raise Fp8ConvertError("load_cpu_model needs transformers", hint='pip install "fp8convert[cpu]"') from exc
     from safetensors import safe_open
 
     path = Path(path)
@@ -282,8 +320,11 @@ def load_cpu_model(path: str | Path, *, numerics: Numerics | str = Numerics.FALL
         model.tie_weights()
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if missing or unexpected:
-        raise CheckpointError("the checkpoint does not match the model built from config.json", where=str(path),
-                              problems=[f"missing: {m}" for m in missing[:20]] + [f"unexpected: {u}" for u in unexpected[:20]])
+        raise CheckpointError(
+            "the checkpoint does not match the model built from config.json",
+            where=str(path),
+            problems=[f"missing: {m}" for m in missing[:20]] + [f"unexpected: {u}" for u in unexpected[:20]],
+        )
     if activation_dtype != torch.bfloat16:
         for module in model.modules():
             for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):

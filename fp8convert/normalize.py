@@ -47,9 +47,14 @@ class Normalized:
 
     def record(self) -> dict[str, object]:
         """The per-layer entry of the report."""
-        return {"target": f"{self.linear.scheme.describe()} + {self.linear.activation}", "exact": self.exact,
-                "actions": self.actions or ["kept"], "changed_codes": self.changed_codes,
-                "sqnr_db": _finite(self.sqnr_db), "max_rel_error": self.max_rel_error}
+        return {
+            "target": f"{self.linear.scheme.describe()} + {self.linear.activation}",
+            "exact": self.exact,
+            "actions": self.actions or ["kept"],
+            "changed_codes": self.changed_codes,
+            "sqnr_db": _finite(self.sqnr_db),
+            "max_rel_error": self.max_rel_error,
+        }
 
 
 def _finite(x: float | None) -> float | str | None:
@@ -83,8 +88,9 @@ def _to_e4m3fn(ql: QuantizedLinear, actions: list[str]) -> tuple[torch.Tensor, b
     raise UnsupportedSchemeError(f"{ql.module}.weight has dtype {w.dtype}, not an fp8 dtype")
 
 
-def _requantize(q: torch.Tensor, old_scale: torch.Tensor, old: WeightScheme, new_scale: torch.Tensor | None,
-                stats: ErrorStats) -> tuple[torch.Tensor, torch.Tensor]:
+def _requantize(
+    q: torch.Tensor, old_scale: torch.Tensor, old: WeightScheme, new_scale: torch.Tensor | None, stats: ErrorStats
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Dequantize with ``old`` and requantize per channel, in row chunks.
 
     ``new_scale`` (bf16 ``[out,1]`` or ``[1]``) is computed per channel from the dequantized rows when None.
@@ -96,7 +102,7 @@ def _requantize(q: torch.Tensor, old_scale: torch.Tensor, old: WeightScheme, new
     scales = []
     for r0, r1 in row_chunks(out_f, in_f, align):
         if old.granularity is Granularity.BLOCK:
-            s_rows = old_scale[r0 // align: -(-r1 // align)]
+            s_rows = old_scale[r0 // align : -(-r1 // align)]
             hp = dequantize(q[r0:r1], s_rows, old)
         elif old.granularity is Granularity.CHANNEL:
             hp = q[r0:r1].to(torch.float32) * old_scale[r0:r1].reshape(-1, 1)
@@ -128,8 +134,10 @@ def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme])
         raise UnsupportedSchemeError(f"{ql.module}: cannot target per-tensor weights from {src.describe()}")
     if src.granularity is Granularity.BLOCK or needs_requant:
         if src.granularity is Granularity.BLOCK:
-            actions.append(f"{src.describe()} -> channel: dequantized and requantized per channel (amax/448, "
-                           "scale rounded up to bf16)")
+            actions.append(
+                f"{src.describe()} -> channel: dequantized and requantized per channel (amax/448, "
+                "scale rounded up to bf16)"
+            )
         q, scale = _requantize(ql.weight, ql.weight_scale, src, None, stats)
         changed, weight_unchanged, lossy = stats.changed, False, True
     else:
@@ -140,11 +148,14 @@ def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme])
                 actions.append(f"scale {str(ql.scale_dtype).removeprefix('torch.')} -> bf16 (exact)")
         else:
             scale = bf16_round_up(s32)
-            q_new, _ = _requantize(q, s32, src, scale.reshape(-1, 1) if src.granularity is Granularity.CHANNEL
-                                   else scale.reshape(1), stats)
+            q_new, _ = _requantize(
+                q, s32, src, scale.reshape(-1, 1) if src.granularity is Granularity.CHANNEL else scale.reshape(1), stats
+            )
             changed = int((q_new.view(torch.uint8) != q.view(torch.uint8)).sum())
-            actions.append(f"scale {str(ql.scale_dtype).removeprefix('torch.')} -> bf16 rounded up; "
-                           f"{changed} fp8 codes requantized")
+            actions.append(
+                f"scale {str(ql.scale_dtype).removeprefix('torch.')} -> bf16 rounded up; "
+                f"{changed} fp8 codes requantized"
+            )
             q, weight_unchanged, lossy = q_new, weight_unchanged and changed == 0, True
         if gran is Granularity.CHANNEL:
             if src.granularity is Granularity.TENSOR:
@@ -156,8 +167,10 @@ def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme])
     input_scale = None
     if act is not ql.activation:
         verb = "added" if ql.activation is ActScheme.NONE else "changed"
-        actions.append(f"activations {ql.activation} -> {act}: activation quantization {verb} "
-                       "(fms-model-optimizer runs no other combination; numerics change)")
+        actions.append(
+            f"activations {ql.activation} -> {act}: activation quantization {verb} "
+            "(fms-model-optimizer runs no other combination; numerics change)"
+        )
     elif act is ActScheme.STATIC_TENSOR:
         assert ql.input_scale is not None
         if is_exact_bf16(ql.input_scale):
@@ -174,16 +187,39 @@ def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme])
         bias = ql.bias.to(torch.bfloat16)
         if ql.bias.dtype != torch.bfloat16:
             exact = torch.equal(bias.to(ql.bias.dtype), ql.bias)
-            actions.append(f"bias {str(ql.bias.dtype).removeprefix('torch.')} -> bf16 ({'exact' if exact else 'rounded'})")
+            actions.append(
+                f"bias {str(ql.bias.dtype).removeprefix('torch.')} -> bf16 ({'exact' if exact else 'rounded'})"
+            )
             lossy = lossy or not exact
-    out = QuantizedLinear(module=ql.module, weight=q, weight_scale=scale, activation=act, scale_dtype=torch.bfloat16,
-                          scheme=CHANNEL if gran is Granularity.CHANNEL else TENSOR, input_scale=input_scale, bias=bias)
+    out = QuantizedLinear(
+        module=ql.module,
+        weight=q,
+        weight_scale=scale,
+        activation=act,
+        scale_dtype=torch.bfloat16,
+        scheme=CHANNEL if gran is Granularity.CHANNEL else TENSOR,
+        input_scale=input_scale,
+        bias=bias,
+    )
     if lossy and stats.signal:
-        return Normalized(linear=out, weight_unchanged=weight_unchanged, actions=actions, exact=False,
-                          changed_codes=changed, sqnr_db=stats.sqnr_db, max_rel_error=stats.max_rel)
-    return Normalized(linear=out, weight_unchanged=weight_unchanged, actions=actions,
-                      exact=not lossy and act is ql.activation, changed_codes=changed,
-                      sqnr_db=None if not lossy else stats.sqnr_db, max_rel_error=None if not lossy else stats.max_rel)
+        return Normalized(
+            linear=out,
+            weight_unchanged=weight_unchanged,
+            actions=actions,
+            exact=False,
+            changed_codes=changed,
+            sqnr_db=stats.sqnr_db,
+            max_rel_error=stats.max_rel,
+        )
+    return Normalized(
+        linear=out,
+        weight_unchanged=weight_unchanged,
+        actions=actions,
+        exact=not lossy and act is ql.activation,
+        changed_codes=changed,
+        sqnr_db=None if not lossy else stats.sqnr_db,
+        max_rel_error=None if not lossy else stats.max_rel,
+    )
 
 
 def dequantize_to_bf16(ql: QuantizedLinear) -> tuple[torch.Tensor, dict[str, object]]:
@@ -193,10 +229,17 @@ def dequantize_to_bf16(ql: QuantizedLinear) -> tuple[torch.Tensor, dict[str, obj
     stats = ErrorStats()
     stats.add(hp, w)
     exact = stats.noise == 0
-    return w, {"target": "bf16 (dequantized)", "exact": exact,
-               "actions": ["dequantized to bf16 (the AIU stack keeps this layer in full precision)"
-                           + ("" if exact else "; one bf16 rounding")],
-               "changed_codes": 0, "sqnr_db": _finite(stats.sqnr_db), "max_rel_error": stats.max_rel}
+    return w, {
+        "target": "bf16 (dequantized)",
+        "exact": exact,
+        "actions": [
+            "dequantized to bf16 (the AIU stack keeps this layer in full precision)"
+            + ("" if exact else "; one bf16 rounding")
+        ],
+        "changed_codes": 0,
+        "sqnr_db": _finite(stats.sqnr_db),
+        "max_rel_error": stats.max_rel,
+    }
 
 
 def quantize_unquantized(module: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Normalized:
@@ -206,9 +249,24 @@ def quantize_unquantized(module: str, weight: torch.Tensor, bias: torch.Tensor |
     scale = channel_scale(hp)
     q = quantize(hp, scale.to(torch.float32))
     stats.add(hp, q.to(torch.float32) * scale.to(torch.float32))
-    lin = QuantizedLinear(module=module, weight=q, weight_scale=scale, scheme=CHANNEL, activation=PRIMARY[1],
-                          scale_dtype=torch.bfloat16, bias=None if bias is None else bias.to(torch.bfloat16))
-    return Normalized(linear=lin, weight_unchanged=False, exact=False, sqnr_db=stats.sqnr_db,
-                      max_rel_error=stats.max_rel, changed_codes=q.numel(),
-                      actions=[f"{str(weight.dtype).removeprefix('torch.')} linear quantized per channel "
-                               "(--quantize-unquantized); activations dynamic per-token"])
+    lin = QuantizedLinear(
+        module=module,
+        weight=q,
+        weight_scale=scale,
+        scheme=CHANNEL,
+        activation=PRIMARY[1],
+        scale_dtype=torch.bfloat16,
+        bias=None if bias is None else bias.to(torch.bfloat16),
+    )
+    return Normalized(
+        linear=lin,
+        weight_unchanged=False,
+        exact=False,
+        sqnr_db=stats.sqnr_db,
+        max_rel_error=stats.max_rel,
+        changed_codes=q.numel(),
+        actions=[
+            f"{str(weight.dtype).removeprefix('torch.')} linear quantized per channel "
+            "(--quantize-unquantized); activations dynamic per-token"
+        ],
+    )

@@ -16,10 +16,16 @@ import torch
 from tqdm import tqdm
 
 from fp8convert import __version__
-from fp8convert.errors import CheckpointError, OutputError, UnsupportedSchemeError
-from fp8convert.formats import detect_format
+from fp8convert.errors import CheckpointError, OutputError
+from fp8convert.formats import open_source
 from fp8convert.formats.base import FormatReader
-from fp8convert.normalize import Normalized, choose_target, dequantize_to_bf16, normalize_linear, quantize_unquantized
+from fp8convert.normalize import (
+    Normalized,
+    choose_target,
+    dequantize_to_bf16,
+    normalize_linear,
+    quantize_unquantized,
+)
 from fp8convert.numerics import fp8_nan_count, scale_problems
 from fp8convert.shards import (
     Checkpoint,
@@ -61,21 +67,6 @@ class ConvertOptions:
 
 
 # ---- opening and planning ---------------------------------------------------------------------------
-def open_source(source: str | Path, fmt: str | None = None) -> tuple[Checkpoint, dict, FormatReader, CheckpointPlan]:
-    """Read config and headers, detect the layout, and plan every tensor (no tensor data read)."""
-    ckpt = Checkpoint(Path(source))
-    config = ckpt.config()
-    if ckpt.problems:
-        raise CheckpointError(f"{len(ckpt.problems)} problem(s) in the safetensors files", where=str(ckpt.root),
-                              problems=ckpt.problems,
-                              hint="the download is incomplete or corrupt: download the listed files again")
-    reader, detection = detect_format(ckpt, config, forced=fmt)
-    plan = reader.plan(ckpt, config, detection)
-    logger.info("detected %s (%s); %d shard(s); %d quantized linears", plan.format, detection.rule,
-                len(ckpt.files), len(plan.linears))
-    return ckpt, config, reader, plan
-
-
 def _full_precision(linear: LinearPlan) -> bool:
     return linear.module in aiu.FULL_PRECISION_MODULES or linear.module.endswith(".lm_head")
 
@@ -87,14 +78,17 @@ def target_problems(config: dict, plan: CheckpointPlan, options: ConvertOptions)
     problems = aiu.architecture_problems(config)
     left = [m for m in plan.unquantized_linears if aiu.DECODER_LINEAR.match(m)]
     if left and not options.quantize_unquantized:
-        problems.append(f"{len(left)} decoder linear(s) are not quantized ({', '.join(left[:4])}"
-                        f"{' ...' if len(left) > 4 else ''}); fms-model-optimizer cannot keep them in full precision. "
-                        "Pass --quantize-unquantized to quantize them per channel (reported), or --target cpu")
+        problems.append(
+            f"{len(left)} decoder linear(s) are not quantized ({', '.join(left[:4])}"
+            f"{' ...' if len(left) > 4 else ''}); fms-model-optimizer cannot keep them in full precision. "
+            "Pass --quantize-unquantized to quantize them per channel (reported), or --target cpu"
+        )
     return problems
 
 
-def validate_values(ckpt: Checkpoint, reader: FormatReader, plan: CheckpointPlan,
-                    on_bytes: Callable[[int], None] | None = None) -> list[str]:
+def validate_values(
+    ckpt: Checkpoint, reader: FormatReader, plan: CheckpointPlan, on_bytes: Callable[[int], None] | None = None
+) -> list[str]:
     """Read every quantized tensor once: scales finite and > 0, no fp8 NaN codes, zero points zero."""
     problems = []
     for lin in plan.linears:
@@ -114,8 +108,9 @@ def validate_values(ckpt: Checkpoint, reader: FormatReader, plan: CheckpointPlan
             problems.append(f"{kv.key} ({ckpt.ref(kv.key).file}): {', '.join(found)} KV-cache scale value(s)")
     for key in plan.dropped:
         if key.endswith("zero_point") and bool((ckpt.load(key).to(torch.float32) != 0).any()):
-            problems.append(f"{key} ({ckpt.ref(key).file}): non-zero zero point; asymmetric quantization is not "
-                            "supported")
+            problems.append(
+                f"{key} ({ckpt.ref(key).file}): non-zero zero point; asymmetric quantization is not supported"
+            )
     return problems
 
 
@@ -127,18 +122,27 @@ def _inside(a: Path, b: Path) -> bool:
 def check_output(source: Path, out: Path, overwrite: bool) -> None:
     src, dst = source.resolve(), out.resolve()
     if _inside(dst, src):
-        raise OutputError("the output directory is inside the source checkpoint", where=str(out),
-                          hint="choose an output directory outside the source; the source is never modified")
+        raise OutputError(
+            "the output directory is inside the source checkpoint",
+            where=str(out),
+            hint="choose an output directory outside the source; the source is never modified",
+        )
     if _inside(src, dst):
-        raise OutputError("the source checkpoint is inside the output directory", where=str(out),
-                          hint="choose an output directory that does not contain the source")
+        raise OutputError(
+            "the source checkpoint is inside the output directory",
+            where=str(out),
+            hint="choose an output directory that does not contain the source",
+        )
     if dst.exists() and not dst.is_dir():
         raise OutputError("the output path exists and is not a directory", where=str(out))
     if dst.is_dir():
         leftovers = [p for p in dst.iterdir() if not p.name.startswith(TMP_PREFIX)]
         if leftovers and not overwrite:
-            raise OutputError(f"the output directory is not empty ({len(leftovers)} entries)", where=str(out),
-                              hint="pass --overwrite to replace aiu/, cpu/ and the report, or choose an empty directory")
+            raise OutputError(
+                f"the output directory is not empty ({len(leftovers)} entries)",
+                where=str(out),
+                hint="pass --overwrite to replace aiu/, cpu/ and the report, or choose an empty directory",
+            )
 
 
 # ---- conversion -----------------------------------------------------------------------------------
@@ -187,24 +191,29 @@ class _Producer:
             if not pending:
                 del self._live[module]
             yield data
+
         return produce
 
 
 def _describe(lin: LinearPlan) -> str:
-    return f"{dtype_name(lin.weight.dtype)} {lin.scheme.describe()} ({dtype_name(lin.weight_scale.dtype)} scale) + " \
-           f"{lin.activation} activations"
+    return (
+        f"{dtype_name(lin.weight.dtype)} {lin.scheme.describe()} ({dtype_name(lin.weight_scale.dtype)} scale) + "
+        f"{lin.activation} activations"
+    )
 
 
-def _plan_outputs(ckpt: Checkpoint, plan: CheckpointPlan, producer: _Producer, options: ConvertOptions
-                  ) -> tuple[list[OutTensor], dict[str, tuple[Granularity, ActScheme, bool]], dict[str, str]]:
+def _plan_outputs(
+    ckpt: Checkpoint, plan: CheckpointPlan, producer: _Producer, options: ConvertOptions
+) -> tuple[list[OutTensor], dict[str, tuple[Granularity, ActScheme, bool]], dict[str, str]]:
     """Every output tensor (name, dtype, shape, producer), the fake-quant plan, and pass-through actions."""
     target_gran, target_act = producer.target
     outs: list[OutTensor] = []
     fake: dict[str, tuple[Granularity, ActScheme, bool]] = {}
     passthrough: dict[str, str] = {}
     replaced: set[str] = set()
-    quantize_these = [m for m in plan.unquantized_linears if aiu.DECODER_LINEAR.match(m)] \
-        if options.quantize_unquantized else []
+    quantize_these = (
+        [m for m in plan.unquantized_linears if aiu.DECODER_LINEAR.match(m)] if options.quantize_unquantized else []
+    )
 
     def add_linear(lin: LinearPlan | None, module: str, out_f: int, in_f: int, has_bias: bool) -> None:
         if lin is not None and _full_precision(lin):
@@ -218,9 +227,12 @@ def _plan_outputs(ckpt: Checkpoint, plan: CheckpointPlan, producer: _Producer, o
         keys = aiu.tensor_names(module, static_input=static, bias=has_bias)
         for key in keys:
             suffix = key.rsplit(".", 1)[-1]
-            dtype, shape = {"weight": (torch.float8_e4m3fn, (out_f, in_f)),
-                            "weight_scale": (torch.bfloat16, (out_f, 1) if gran is Granularity.CHANNEL else (1,)),
-                            "input_scale": (torch.bfloat16, (1,)), "bias": (torch.bfloat16, (out_f,))}[suffix]
+            dtype, shape = {
+                "weight": (torch.float8_e4m3fn, (out_f, in_f)),
+                "weight_scale": (torch.bfloat16, (out_f, 1) if gran is Granularity.CHANNEL else (1,)),
+                "input_scale": (torch.bfloat16, (1,)),
+                "bias": (torch.bfloat16, (out_f,)),
+            }[suffix]
             outs.append(OutTensor(key, dtype, shape, producer.tensor(lin, module, key, set(keys))))
         fake[module] = (gran, act, has_bias)
 
@@ -236,8 +248,14 @@ def _plan_outputs(ckpt: Checkpoint, plan: CheckpointPlan, producer: _Producer, o
             continue
         if ref.dtype in FLOAT_DTYPES and ref.dtype != torch.bfloat16:
             passthrough[ref.key] = f"{dtype_name(ref.dtype)} -> bfloat16 (the AIU target is bf16)"
-            outs.append(OutTensor(ref.key, torch.bfloat16, ref.shape,
-                                  lambda key=ref.key: [tensor_bytes(ckpt.load(key).to(torch.bfloat16))]))
+            outs.append(
+                OutTensor(
+                    ref.key,
+                    torch.bfloat16,
+                    ref.shape,
+                    lambda key=ref.key: [tensor_bytes(ckpt.load(key).to(torch.bfloat16))],
+                )
+            )
         else:
             passthrough[ref.key] = "copied"
             outs.append(OutTensor(ref.key, ref.dtype, ref.shape, lambda key=ref.key: ckpt.raw_chunks(key)))
@@ -245,8 +263,9 @@ def _plan_outputs(ckpt: Checkpoint, plan: CheckpointPlan, producer: _Producer, o
 
 
 def _bar(options: ConvertOptions, desc: str, total: int) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr,
-                disable=not options.progress, leave=False)
+    return tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, disable=not options.progress, leave=False
+    )
 
 
 def convert(source: str | Path, out: str | Path, options: ConvertOptions = ConvertOptions()) -> dict:
@@ -263,8 +282,12 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
     with _bar(options, "Validate", total) as bar:
         problems += validate_values(ckpt, reader, plan, bar.update)
     if problems:
-        raise CheckpointError(f"{len(problems)} problem(s) found; nothing was written", where=str(src),
-                              problems=problems, hint="fix the listed tensors or options and run again")
+        raise CheckpointError(
+            f"{len(problems)} problem(s) found; nothing was written",
+            where=str(src),
+            problems=problems,
+            hint="fix the listed tensors or options and run again",
+        )
     target = choose_target(plan.linears)
     producer = _Producer(ckpt, reader, target)
     outs, fake, passthrough = _plan_outputs(ckpt, plan, producer, options)
@@ -309,9 +332,18 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
     return report
 
 
-def build_report(src: Path, config: dict, plan: CheckpointPlan, options: ConvertOptions,
-                 target: tuple[Granularity, ActScheme], records: dict[str, dict[str, object]],
-                 passthrough: dict[str, str], aux: list[str], links: dict[str, str], tmp: Path) -> dict:
+def build_report(
+    src: Path,
+    config: dict,
+    plan: CheckpointPlan,
+    options: ConvertOptions,
+    target: tuple[Granularity, ActScheme],
+    records: dict[str, dict[str, object]],
+    passthrough: dict[str, str],
+    aux: list[str],
+    links: dict[str, str],
+    tmp: Path,
+) -> dict:
     """The report: source and evidence, per-layer actions and errors, every lossy step, file checksums."""
     import safetensors
 
@@ -327,23 +359,54 @@ def build_report(src: Path, config: dict, plan: CheckpointPlan, options: Convert
         files[str(path.relative_to(tmp))] = {"sha256": digests[ino], "size": path.stat().st_size}
     return {
         "fp8convert_report_version": 1,
-        "versions": {"fp8convert": __version__, "torch": torch.__version__.split("+")[0],
-                     "safetensors": safetensors.__version__, "python": sys.version.split()[0]},
-        "source": {"path": str(src), "repo": None, "revision": None, "format": plan.format, "rule": plan.rule,
-                   "evidence": plan.evidence, "architecture": (config.get("architectures") or [None])[0],
-                   "quantization_config": config.get("quantization_config") or config.get("compression_config")},
-        "options": {"targets": sorted(str(t) for t in options.targets), "format": options.format,
-                    "quantize_unquantized": options.quantize_unquantized, "max_shard_bytes": options.max_shard_bytes},
-        "target": {"weights": str(target[0]), "activations": str(target[1]), "scale_dtype": "bfloat16",
-                   "weight_dtype": "float8_e4m3fn"},
-        "summary": {"linears": len(layers), "exact": sum(bool(r["exact"]) for r in layers.values()),
-                    "lossy": sum(not r["exact"] for r in layers.values()),
-                    "min_sqnr_db": min(sqnrs) if sqnrs else None, "kv_cache_scales_dropped": len(plan.kv_scales)},
+        "versions": {
+            "fp8convert": __version__,
+            "torch": torch.__version__.split("+")[0],
+            "safetensors": safetensors.__version__,
+            "python": sys.version.split()[0],
+        },
+        "source": {
+            "path": str(src),
+            "repo": None,
+            "revision": None,
+            "format": plan.format,
+            "rule": plan.rule,
+            "evidence": plan.evidence,
+            "architecture": (config.get("architectures") or [None])[0],
+            "quantization_config": config.get("quantization_config") or config.get("compression_config"),
+        },
+        "options": {
+            "targets": sorted(str(t) for t in options.targets),
+            "format": options.format,
+            "quantize_unquantized": options.quantize_unquantized,
+            "max_shard_bytes": options.max_shard_bytes,
+        },
+        "target": {
+            "weights": str(target[0]),
+            "activations": str(target[1]),
+            "scale_dtype": "bfloat16",
+            "weight_dtype": "float8_e4m3fn",
+        },
+        "summary": {
+            "linears": len(layers),
+            "exact": sum(bool(r["exact"]) for r in layers.values()),
+            "lossy": sum(not r["exact"] for r in layers.values()),
+            "min_sqnr_db": min(sqnrs) if sqnrs else None,
+            "kv_cache_scales_dropped": len(plan.kv_scales),
+        },
         "lossy_steps": lossy,
         "layers": layers,
-        "kv_cache_scales": [{"module": k.module, "kind": k.kind, "key": k.key, "shape": list(k.shape),
-                             "dtype": k.dtype, "action": "dropped (the AIU stack uses KV scale 1.0)"}
-                            for k in plan.kv_scales],
+        "kv_cache_scales": [
+            {
+                "module": k.module,
+                "kind": k.kind,
+                "key": k.key,
+                "shape": list(k.shape),
+                "dtype": k.dtype,
+                "action": "dropped (the AIU stack uses KV scale 1.0)",
+            }
+            for k in plan.kv_scales
+        ],
         "dropped": dict(sorted(plan.dropped.items())),
         "passthrough": dict(sorted(passthrough.items(), key=lambda kv: natural_key(kv[0]))),
         "copied_files": aux,
@@ -352,8 +415,9 @@ def build_report(src: Path, config: dict, plan: CheckpointPlan, options: Convert
     }
 
 
-def inspect_checkpoint(source: str | Path, fmt: str | None = None, *,
-                       targets: frozenset[Target] = frozenset({Target.AIU, Target.CPU})) -> dict:
+def inspect_checkpoint(
+    source: str | Path, fmt: str | None = None, *, targets: frozenset[Target] = frozenset({Target.AIU, Target.CPU})
+) -> dict:
     """Layout, evidence, per-linear scheme, and what conversion would do (headers only)."""
     ckpt, config, _reader, plan = open_source(source, fmt)
     target = choose_target(plan.linears)
@@ -368,17 +432,33 @@ def inspect_checkpoint(source: str | Path, fmt: str | None = None, *,
             action = "keep (exact)"
         else:
             action = f"to {target[0]} + {target[1]}"
-        linears.append({"module": lin.module, "weight": dtype_name(lin.weight.dtype), "shape": list(lin.weight.shape),
-                        "scheme": lin.scheme.describe(), "scale_dtype": dtype_name(lin.weight_scale.dtype),
-                        "activation": str(lin.activation), "bias": lin.bias is not None, "action": action})
+        linears.append(
+            {
+                "module": lin.module,
+                "weight": dtype_name(lin.weight.dtype),
+                "shape": list(lin.weight.shape),
+                "scheme": lin.scheme.describe(),
+                "scale_dtype": dtype_name(lin.weight_scale.dtype),
+                "activation": str(lin.activation),
+                "bias": lin.bias is not None,
+                "action": action,
+            }
+        )
     ckpt.close()
-    return {"source": str(Path(source).resolve()), "format": plan.format, "rule": plan.rule, "evidence": plan.evidence,
-            "architecture": (config.get("architectures") or [None])[0],
-            "target": {"weights": str(target[0]), "activations": str(target[1])},
-            "aiu_problems": target_problems(config, plan, options), "linears": linears,
-            "unquantized_linears": plan.unquantized_linears,
-            "kv_cache_scales": [{"key": k.key, "shape": list(k.shape), "dtype": k.dtype} for k in plan.kv_scales],
-            "tensors": len(ckpt.tensors), "files": ckpt.files}
+    return {
+        "source": str(Path(source).resolve()),
+        "format": plan.format,
+        "rule": plan.rule,
+        "evidence": plan.evidence,
+        "architecture": (config.get("architectures") or [None])[0],
+        "target": {"weights": str(target[0]), "activations": str(target[1])},
+        "aiu_problems": target_problems(config, plan, options),
+        "linears": linears,
+        "unquantized_linears": plan.unquantized_linears,
+        "kv_cache_scales": [{"key": k.key, "shape": list(k.shape), "dtype": k.dtype} for k in plan.kv_scales],
+        "tensors": len(ckpt.tensors),
+        "files": ckpt.files,
+    }
 
 
-__all__ = ["ConvertOptions", "UnsupportedSchemeError", "convert", "inspect_checkpoint", "open_source"]
+__all__ = ["ConvertOptions", "convert", "inspect_checkpoint"]

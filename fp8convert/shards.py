@@ -32,9 +32,17 @@ MAX_HEADER_BYTES = 100_000_000
 COPY_CHUNK = 8 << 20
 #: Files copied through unchanged next to the weights (never pickles).
 AUX_FILES = (
-    "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
-    "chat_template.json", "vocab.txt",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.txt",
 )
 
 
@@ -49,8 +57,11 @@ def read_json(path: Path, *, what: str) -> dict:
     except FileNotFoundError as exc:
         raise CheckpointError(f"{what} not found", where=str(path)) from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{what} is not valid JSON ({exc})", where=str(path),
-                              hint="re-download the file; it is truncated or corrupt") from exc
+        raise CheckpointError(
+            f"{what} is not valid JSON ({exc})",
+            where=str(path),
+            hint="re-download the file; it is truncated or corrupt",
+        ) from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{what} must hold a JSON object, found {type(data).__name__}", where=str(path))
     return data
@@ -70,7 +81,12 @@ def parse_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str], int,
     with path.open("rb") as f:
         (hlen,) = struct.unpack("<Q", f.read(8))
         if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-            return {}, {}, 0, [f"{name}: header length {hlen} exceeds the file size {size} (truncated or not safetensors)"]
+            return (
+                {},
+                {},
+                0,
+                [f"{name}: header length {hlen} exceeds the file size {size} (truncated or not safetensors)"],
+            )
         raw = f.read(hlen)
     try:
         header = json.loads(raw.decode("utf-8"))
@@ -93,14 +109,19 @@ def parse_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str], int,
             continue
         expected = math.prod(shape) * dtype.itemsize
         if end - begin != expected:
-            problems.append(f"{name}: tensor {key}: header offsets span {end - begin} bytes but "
-                            f"{info['dtype']} {list(shape)} needs {expected}")
+            problems.append(
+                f"{name}: tensor {key}: header offsets span {end - begin} bytes but "
+                f"{info['dtype']} {list(shape)} needs {expected}"
+            )
         if begin < 0 or end > data_len:
-            problems.append(f"{name}: tensor {key}: data ends at byte {end} but the file holds {data_len} data bytes "
-                            "(file truncated or header lies)")
+            problems.append(
+                f"{name}: tensor {key}: data ends at byte {end} but the file holds {data_len} data bytes "
+                "(file truncated or header lies)"
+            )
         spans.append((begin, end, key))
-        tensors[key] = TensorRef(key=key, file=name, dtype=dtype, shape=shape, nbytes=expected,
-                                 offset=data_start + begin)
+        tensors[key] = TensorRef(
+            key=key, file=name, dtype=dtype, shape=shape, nbytes=expected, offset=data_start + begin
+        )
     spans.sort()
     for (_, e1, k1), (b2, _, k2) in zip(spans, spans[1:], strict=False):
         if b2 < e1:
@@ -118,8 +139,11 @@ class Checkpoint:
     def __init__(self, root: Path, *, pattern: str = "*.safetensors") -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise CheckpointError("source is not a directory", where=str(root),
-                                  hint="pass the directory that holds config.json and the *.safetensors files")
+            raise CheckpointError(
+                "source is not a directory",
+                where=str(root),
+                hint="pass the directory that holds config.json and the *.safetensors files",
+            )
         self.problems: list[str] = []
         self.tensors: dict[str, TensorRef] = {}
         self.files = self._list_files(pattern)
@@ -139,28 +163,37 @@ class Checkpoint:
             index = read_json(index_path, what="safetensors index")
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                raise CheckpointError("index has no weight_map", where=str(index_path),
-                                      hint="re-download the index file")
+                raise CheckpointError(
+                    "index has no weight_map", where=str(index_path), hint="re-download the index file"
+                )
             self.weight_map: dict[str, str] | None = {str(k): str(v) for k, v in weight_map.items()}
             files = sorted(set(self.weight_map.values()), key=natural_key)
             for f in files:
                 p = Path(f)
                 if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
-                    raise CheckpointError(f"index names the file {f!r}, which is outside the checkpoint directory",
-                                          where=str(index_path), hint="the index is corrupt or malicious")
+                    raise CheckpointError(
+                        f"index names the file {f!r}, which is outside the checkpoint directory",
+                        where=str(index_path),
+                        hint="the index is corrupt or malicious",
+                    )
             missing = [f for f in files if not (self.root / f).is_file()]
             if missing:
                 raise MissingTensorError(
-                    f"{len(missing)} shard(s) named by the index are missing", where=str(index_path),
+                    f"{len(missing)} shard(s) named by the index are missing",
+                    where=str(index_path),
                     problems=[f"{m} (holds {sum(v == m for v in self.weight_map.values())} tensors)" for m in missing],
-                    hint="the download is incomplete: download the missing files again (fp8convert pull resumes)")
+                    hint="the download is incomplete: download the missing files again (fp8convert pull resumes)",
+                )
             return files
         self.weight_map = None
         files = sorted((p.name for p in self.root.glob(pattern) if p.is_file()), key=natural_key)
         if not files:
-            raise CheckpointError("no *.safetensors files found", where=str(self.root),
-                                  hint="fp8convert reads safetensors only (never pickles); point it at a checkpoint "
-                                       "directory that has them")
+            raise CheckpointError(
+                "no *.safetensors files found",
+                where=str(self.root),
+                hint="fp8convert reads safetensors only (never pickles); point it at a checkpoint "
+                "directory that has them",
+            )
         return files
 
     def _check_index_keys(self) -> None:
@@ -249,7 +282,11 @@ def write_safetensors(path: Path, tensors: list[OutTensor], on_bytes: Callable[[
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
-        header[t.key] = {"dtype": DTYPE_TO_ST[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.key] = {
+            "dtype": DTYPE_TO_ST[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -262,7 +299,9 @@ def write_safetensors(path: Path, tensors: list[OutTensor], on_bytes: Callable[[
                 f.write(chunk)
                 written += len(chunk)
             if written != t.nbytes:
-                raise OutputError(f"internal error: {t.key} produced {written} bytes, expected {t.nbytes}", where=str(path))
+                raise OutputError(
+                    f"internal error: {t.key} produced {written} bytes, expected {t.nbytes}", where=str(path)
+                )
             if on_bytes:
                 on_bytes(written)
 
@@ -279,8 +318,9 @@ def check_written(path: Path, tensors: list[OutTensor]) -> None:
                 raise OutputError(f"written tensor {t.key} has the wrong dtype/shape", where=str(path))
 
 
-def write_sharded(directory: Path, tensors: list[OutTensor], *, max_shard_bytes: int,
-                  on_bytes: Callable[[int], None] | None = None) -> list[str]:
+def write_sharded(
+    directory: Path, tensors: list[OutTensor], *, max_shard_bytes: int, on_bytes: Callable[[int], None] | None = None
+) -> list[str]:
     """Write ``model-0000i-of-0000n.safetensors`` + the index into ``directory``; return the file names."""
     shards = plan_shards(tensors, max_shard_bytes)
     n = len(shards)
@@ -290,8 +330,10 @@ def write_sharded(directory: Path, tensors: list[OutTensor], *, max_shard_bytes:
         write_safetensors(directory / name, shard, on_bytes)
         check_written(directory / name, shard)
         weight_map.update({t.key: name for t in shard})
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
-             "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0])))}
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors)},
+        "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))),
+    }
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return [*names, INDEX_NAME]
 

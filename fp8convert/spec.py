@@ -14,7 +14,6 @@ import torch
 
 from fp8convert.errors import UnsupportedSchemeError
 
-
 #: The per-module fake-quant plan written next to the CPU variant's tensors.
 CPU_PLAN_NAME = "fp8convert.json"
 
@@ -56,11 +55,13 @@ class Target(enum.StrEnum):
 
 
 #: The AIU schemes fms-model-optimizer runs (AIU_TARGET.md 1.2). Everything else is normalized to one.
-AIU_SCHEMES = frozenset({
-    (Granularity.CHANNEL, ActScheme.DYNAMIC_TOKEN),
-    (Granularity.TENSOR, ActScheme.DYNAMIC_TENSOR),
-    (Granularity.TENSOR, ActScheme.STATIC_TENSOR),
-})
+AIU_SCHEMES = frozenset(
+    {
+        (Granularity.CHANNEL, ActScheme.DYNAMIC_TOKEN),
+        (Granularity.TENSOR, ActScheme.DYNAMIC_TENSOR),
+        (Granularity.TENSOR, ActScheme.STATIC_TENSOR),
+    }
+)
 
 #: torch dtype <-> safetensors header string, the one mapping table used at every edge.
 DTYPE_TO_ST: dict[torch.dtype, str] = {

@@ -5,9 +5,15 @@ Each format module registers its reader once, when imported here.
 
 from __future__ import annotations
 
-from fp8convert.errors import AmbiguousFormatError, UnknownFormatError
+import logging
+from pathlib import Path
+
+from fp8convert.errors import AmbiguousFormatError, CheckpointError, UnknownFormatError
 from fp8convert.formats.base import Detection, FormatReader
 from fp8convert.shards import Checkpoint
+from fp8convert.spec import CheckpointPlan
+
+logger = logging.getLogger(__name__)
 
 REGISTRY: dict[str, FormatReader] = {}
 
@@ -23,7 +29,9 @@ def get(name: str) -> FormatReader:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise UnknownFormatError(f"unknown format {name!r}", hint=f"known formats: {', '.join(sorted(REGISTRY))}") from None
+        raise UnknownFormatError(
+            f"unknown format {name!r}", hint=f"known formats: {', '.join(sorted(REGISTRY))}"
+        ) from None
 
 
 def _seen(ckpt: Checkpoint, config: dict) -> list[str]:
@@ -51,23 +59,55 @@ def detect_format(ckpt: Checkpoint, config: dict, *, forced: str | None = None) 
         reader = get(forced)
         det = reader.detect(ckpt, config)
         if det is None:
-            raise UnknownFormatError(f"--format {forced} was given, but the checkpoint is not in that layout",
-                                     where=str(ckpt.root), problems=_seen(ckpt, config),
-                                     hint="drop --format to let fp8convert detect the layout")
+            raise UnknownFormatError(
+                f"--format {forced} was given, but the checkpoint is not in that layout",
+                where=str(ckpt.root),
+                problems=_seen(ckpt, config),
+                hint="drop --format to let fp8convert detect the layout",
+            )
         return reader, det
     found = [(r, d) for r in REGISTRY.values() if (d := r.detect(ckpt, config)) is not None]
     if not found:
         raise UnknownFormatError(
-            "no supported FP8 layout recognised", where=str(ckpt.root), problems=_seen(ckpt, config),
-            hint=f"supported layouts: {', '.join(sorted(REGISTRY))}; see README 'Supported formats'")
+            "no supported FP8 layout recognised",
+            where=str(ckpt.root),
+            problems=_seen(ckpt, config),
+            hint=f"supported layouts: {', '.join(sorted(REGISTRY))}; see README 'Supported formats'",
+        )
     if len(found) > 1:
-        raise AmbiguousFormatError("several layouts match", where=str(ckpt.root),
-                                   problems=[f"{d.format}: {d.rule}" for _, d in found],
-                                   hint="pick one with --format NAME")
+        raise AmbiguousFormatError(
+            "several layouts match",
+            where=str(ckpt.root),
+            problems=[f"{d.format}: {d.rule}" for _, d in found],
+            hint="pick one with --format NAME",
+        )
     return found[0]
+
+
+def open_source(source: str | Path, fmt: str | None = None) -> tuple[Checkpoint, dict, FormatReader, CheckpointPlan]:
+    """Read config and headers, detect the layout, and plan every tensor (no tensor data read)."""
+    ckpt = Checkpoint(Path(source))
+    config = ckpt.config()
+    if ckpt.problems:
+        raise CheckpointError(
+            f"{len(ckpt.problems)} problem(s) in the safetensors files",
+            where=str(ckpt.root),
+            problems=ckpt.problems,
+            hint="the download is incomplete or corrupt: download the listed files again",
+        )
+    reader, detection = detect_format(ckpt, config, forced=fmt)
+    plan = reader.plan(ckpt, config, detection)
+    logger.info(
+        "detected %s (%s); %d shard(s); %d quantized linears",
+        plan.format,
+        detection.rule,
+        len(ckpt.files),
+        len(plan.linears),
+    )
+    return ckpt, config, reader, plan
 
 
 # Importing a format module registers its reader.
 from fp8convert.formats import compressed_tensors  # noqa: E402,F401
 
-__all__ = ["REGISTRY", "Detection", "FormatReader", "detect_format", "get", "register"]
+__all__ = ["REGISTRY", "Detection", "FormatReader", "detect_format", "get", "open_source", "register"]

@@ -37,8 +37,10 @@ SUPPORTED_FORMATS = ("float-quantized", "naive-quantized")
 SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ZERO_POINT_SUFFIXES = ("weight_zero_point", "input_zero_point", "output_zero_point")
 KV_SUFFIXES = {
-    "self_attn.k_scale": "k", "self_attn.v_scale": "v",
-    "self_attn.k_proj.output_scale": "k", "self_attn.v_proj.output_scale": "v",
+    "self_attn.k_scale": "k",
+    "self_attn.v_scale": "v",
+    "self_attn.k_proj.output_scale": "k",
+    "self_attn.v_proj.output_scale": "v",
 }
 #: Per-module tensors this reader understands; anything else on a quantized module is an error.
 LINEAR_SUFFIXES = ("weight", "weight_scale", "input_scale", "bias")
@@ -52,9 +54,11 @@ FORBIDDEN_SUFFIXES = {
 
 def quant_config(config: dict) -> tuple[dict | None, str]:
     """The compressed-tensors block and where it was found."""
-    for where, qc in (("quantization_config", config.get("quantization_config")),
-                      ("text_config.quantization_config", (config.get("text_config") or {}).get("quantization_config")),
-                      ("compression_config", config.get("compression_config"))):
+    for where, qc in (
+        ("quantization_config", config.get("quantization_config")),
+        ("text_config.quantization_config", (config.get("text_config") or {}).get("quantization_config")),
+        ("compression_config", config.get("compression_config")),
+    ):
         if isinstance(qc, dict):
             return qc, where
     return None, ""
@@ -77,12 +81,20 @@ class CompressedTensorsReader:
         method = str(qc.get("quant_method", "")).lower().replace("_", "-")
         if method not in ("compressed-tensors", "sparseml"):
             return None
-        evidence = [f"config.json {where}.quant_method={qc.get('quant_method')!r}",
-                    f"format={qc.get('format')!r}", f"quantization_status={qc.get('quantization_status')!r}"]
-        suffixes = Counter(f"{k.rsplit('.', 1)[-1]} {dtype_name(r.dtype)}" for k, r in ckpt.tensors.items()
-                           if k.rsplit(".", 1)[-1] in ("weight", "weight_scale", "input_scale", "k_scale", "v_scale"))
+        evidence = [
+            f"config.json {where}.quant_method={qc.get('quant_method')!r}",
+            f"format={qc.get('format')!r}",
+            f"quantization_status={qc.get('quantization_status')!r}",
+        ]
+        suffixes = Counter(
+            f"{k.rsplit('.', 1)[-1]} {dtype_name(r.dtype)}"
+            for k, r in ckpt.tensors.items()
+            if k.rsplit(".", 1)[-1] in ("weight", "weight_scale", "input_scale", "k_scale", "v_scale")
+        )
         evidence.append("tensors: " + ", ".join(f"{s} x{n}" for s, n in sorted(suffixes.items())))
-        return Detection(format=NAME, rule="quant_method is compressed-tensors (FORMATS.md 7, step 3)", evidence=evidence)
+        return Detection(
+            format=NAME, rule="quant_method is compressed-tensors (FORMATS.md 7, step 3)", evidence=evidence
+        )
 
     # ---- planning (headers only) -------------------------------------------------------------
     def plan(self, ckpt: Checkpoint, config: dict, detection: Detection) -> CheckpointPlan:
@@ -106,7 +118,9 @@ class CompressedTensorsReader:
         for key, kind in self._kv_keys(tensors):
             ref = tensors[key]
             if ref.dtype not in SCALE_DTYPES:
-                problems.append(f"{key} ({ref.file}): KV-cache scale has dtype {dtype_name(ref.dtype)}, expected bf16/f16/f32")
+                problems.append(
+                    f"{key} ({ref.file}): KV-cache scale has dtype {dtype_name(ref.dtype)}, expected bf16/f16/f32"
+                )
             module = key.rsplit(".", 2 if ".k_proj." in key or ".v_proj." in key else 1)[0]
             kv_scales.append(KVScale(module=module, kind=kind, key=key, shape=ref.shape, dtype=dtype_name(ref.dtype)))
             claimed.add(key)
@@ -123,13 +137,17 @@ class CompressedTensorsReader:
                 if w.dtype in FLOAT_DTYPES and len(w.shape) == 2 and "weight_scale" not in parts:
                     unquantized.append(module)
                 if "weight_scale" in parts:
-                    problems.append(f"{module}.weight ({w.file}) is {dtype_name(w.dtype)} but has a weight_scale: "
-                                    "the weights are not compressed (quantization_status "
-                                    f"{qc.get('quantization_status')!r}); export with save_compressed=True")
+                    problems.append(
+                        f"{module}.weight ({w.file}) is {dtype_name(w.dtype)} but has a weight_scale: "
+                        "the weights are not compressed (quantization_status "
+                        f"{qc.get('quantization_status')!r}); export with save_compressed=True"
+                    )
                 continue
             if any(_match(module, e) for e in ignore):
-                problems.append(f"{module}.weight ({w.file}) is fp8 but the module is in the ignore list "
-                                "(config and tensors disagree)")
+                problems.append(
+                    f"{module}.weight ({w.file}) is fp8 but the module is in the ignore list "
+                    "(config and tensors disagree)"
+                )
                 continue
             group = self._group_for(module, groups)
             if group is None:
@@ -158,15 +176,28 @@ class CompressedTensorsReader:
                 problems.append(f"{key} ({ref.file}): fp8 tensor that is not a linear weight")
         passthrough = [ref for key, ref in sorted(tensors.items()) if key not in claimed]
         if problems:
-            raise UnsupportedSchemeError(f"{len(problems)} problem(s) in this compressed-tensors checkpoint",
-                                         where=str(ckpt.root), problems=problems,
-                                         hint="fix or re-export the checkpoint; see README 'Supported formats'")
+            raise UnsupportedSchemeError(
+                f"{len(problems)} problem(s) in this compressed-tensors checkpoint",
+                where=str(ckpt.root),
+                problems=problems,
+                hint="fix or re-export the checkpoint; see README 'Supported formats'",
+            )
         if not linears:
-            raise MissingTensorError("config declares compressed-tensors quantization but no fp8 weight was found",
-                                     where=str(ckpt.root), hint="check that the safetensors files are the quantized ones")
-        return CheckpointPlan(format=NAME, evidence=detection.evidence, rule=detection.rule, linears=linears,
-                              kv_scales=kv_scales, passthrough=passthrough, dropped=dropped,
-                              unquantized_linears=unquantized)
+            raise MissingTensorError(
+                "config declares compressed-tensors quantization but no fp8 weight was found",
+                where=str(ckpt.root),
+                hint="check that the safetensors files are the quantized ones",
+            )
+        return CheckpointPlan(
+            format=NAME,
+            evidence=detection.evidence,
+            rule=detection.rule,
+            linears=linears,
+            kv_scales=kv_scales,
+            passthrough=passthrough,
+            dropped=dropped,
+            unquantized_linears=unquantized,
+        )
 
     @staticmethod
     def _kv_keys(tensors: dict[str, TensorRef]) -> list[tuple[str, str]]:
@@ -194,7 +225,9 @@ class CompressedTensorsReader:
             if fmt == "mixed-precision" and gfmt not in SUPPORTED_FORMATS:
                 problems.append(f"group {gname}: format {gfmt!r} is not an FP8 format")
             elif fmt != "mixed-precision" and fmt not in SUPPORTED_FORMATS:
-                problems.append(f"format {fmt!r} is not supported (FP8 checkpoints use {' or '.join(SUPPORTED_FORMATS)})")
+                problems.append(
+                    f"format {fmt!r} is not supported (FP8 checkpoints use {' or '.join(SUPPORTED_FORMATS)})"
+                )
             w = g.get("weights")
             if not isinstance(w, dict):
                 problems.append(f"group {gname}: no weights scheme")
@@ -208,26 +241,32 @@ class CompressedTensorsReader:
             targets = g.get("targets") or []
             groups.append((gname, [str(t) for t in targets], w, a))
         if problems:
-            raise UnsupportedSchemeError("unsupported compressed-tensors configuration", where=f"config.json {where}",
-                                         problems=sorted(set(problems), key=problems.index),
-                                         hint="fp8convert converts FP8 (float, 8-bit, symmetric) weights with tensor, "
-                                              "channel or block scales")
+            raise UnsupportedSchemeError(
+                "unsupported compressed-tensors configuration",
+                where=f"config.json {where}",
+                problems=sorted(set(problems), key=problems.index),
+                hint="fp8convert converts FP8 (float, 8-bit, symmetric) weights with tensor, channel or block scales",
+            )
         return groups
 
     @staticmethod
     def _check_weights(w: dict) -> list[str]:
         p = []
         if w.get("type") != "float" or w.get("num_bits") != 8:
-            p.append(f"weights are type={w.get('type')!r} num_bits={w.get('num_bits')!r}; only 8-bit float (FP8) "
-                     "is supported (int and 4-bit schemes are not FP8)")
+            p.append(
+                f"weights are type={w.get('type')!r} num_bits={w.get('num_bits')!r}; only 8-bit float (FP8) "
+                "is supported (int and 4-bit schemes are not FP8)"
+            )
         if w.get("symmetric") is False:
             p.append("asymmetric weights (zero points) are not supported")
         if w.get("dynamic"):
             p.append("dynamic weight quantization is not a stored checkpoint")
         strategy = w.get("strategy")
         if strategy == "group":
-            p.append(f"weight strategy 'group' (group_size {w.get('group_size')}) is not supported; "
-                     "FP8 checkpoints use tensor, channel or block")
+            p.append(
+                f"weight strategy 'group' (group_size {w.get('group_size')}) is not supported; "
+                "FP8 checkpoints use tensor, channel or block"
+            )
         elif strategy not in ("tensor", "channel", "block"):
             p.append(f"weight strategy {strategy!r} is not supported")
         if strategy == "block":
@@ -236,8 +275,15 @@ class CompressedTensorsReader:
                 p.append(f"block strategy needs block_structure [rows, cols], found {bs!r}")
         if w.get("actorder") not in (None, False):
             p.append(f"actorder={w.get('actorder')!r} is not supported")
-        if w.get("scale_dtype") not in (None, "bfloat16", "float16", "float32", "torch.bfloat16", "torch.float16",
-                                        "torch.float32"):
+        if w.get("scale_dtype") not in (
+            None,
+            "bfloat16",
+            "float16",
+            "float32",
+            "torch.bfloat16",
+            "torch.float16",
+            "torch.float32",
+        ):
             p.append(f"weights scale_dtype={w.get('scale_dtype')!r} is not supported (MXFP8-style scales)")
         return p
 
@@ -260,11 +306,15 @@ class CompressedTensorsReader:
         return p
 
     @staticmethod
-    def _group_for(module: str, groups: list[tuple[str, list[str], dict, dict | None]]
-                   ) -> tuple[str, dict, dict | None] | None:
+    def _group_for(
+        module: str, groups: list[tuple[str, list[str], dict, dict | None]]
+    ) -> tuple[str, dict, dict | None] | None:
         """compressed-tensors precedence: exact name, then regex, then class name (only ``Linear`` is known)."""
-        for test in (lambda t: t == module, lambda t: t.startswith("re:") and _match(module, t),
-                     lambda t: t == "Linear"):
+        for test in (
+            lambda t: t == module,
+            lambda t: t.startswith("re:") and _match(module, t),
+            lambda t: t == "Linear",
+        ):
             hits = [(n, w, a) for n, targets, w, a in groups if any(test(t) for t in targets)]
             if hits:
                 return hits[0]
@@ -275,8 +325,10 @@ class CompressedTensorsReader:
         w = parts["weight"]
         where = f"{module}.weight ({w.file})"
         if len(w.shape) != 2:
-            raise UnsupportedSchemeError(f"{where}: fp8 weight of shape {list(w.shape)}; only 2-D [out, in] linear "
-                                         "weights are supported (fused 3-D experts are not)")
+            raise UnsupportedSchemeError(
+                f"{where}: fp8 weight of shape {list(w.shape)}; only 2-D [out, in] linear "
+                "weights are supported (fused 3-D experts are not)"
+            )
         out_f, in_f = w.shape
         strategy = wargs["strategy"]
         if strategy == "block":
@@ -285,19 +337,24 @@ class CompressedTensorsReader:
             scheme = WeightScheme(granularity=Granularity(strategy))
         s = parts.get("weight_scale")
         if s is None:
-            raise MissingTensorError(f"{where} is {dtype_name(w.dtype)} but has no scale (looked for "
-                                     f"{module}.weight_scale, group {gname} strategy {strategy}); if the download is "
-                                     "partial, download it again")
+            raise MissingTensorError(
+                f"{where} is {dtype_name(w.dtype)} but has no scale (looked for "
+                f"{module}.weight_scale, group {gname} strategy {strategy}); if the download is "
+                "partial, download it again"
+            )
         if s.dtype not in SCALE_DTYPES:
-            raise UnsupportedSchemeError(f"{module}.weight_scale ({s.file}) has dtype {dtype_name(s.dtype)}; "
-                                         "expected bf16, f16 or f32")
+            raise UnsupportedSchemeError(
+                f"{module}.weight_scale ({s.file}) has dtype {dtype_name(s.dtype)}; expected bf16, f16 or f32"
+            )
         want = scheme.scale_shape(out_f, in_f)
         allowed = {want, (out_f,)} if scheme.granularity is Granularity.CHANNEL else {want}
         if scheme.granularity is Granularity.TENSOR:
             allowed.add(())
         if s.shape not in allowed:
-            raise UnsupportedSchemeError(f"{module}.weight_scale ({s.file}) has shape {list(s.shape)}, but "
-                                         f"{scheme.describe()} scales for weight {[out_f, in_f]} must be {list(want)}")
+            raise UnsupportedSchemeError(
+                f"{module}.weight_scale ({s.file}) has shape {list(s.shape)}, but "
+                f"{scheme.describe()} scales for weight {[out_f, in_f]} must be {list(want)}"
+            )
         if aargs is None:
             act = ActScheme.NONE
         elif aargs["strategy"] == "tensor":
@@ -307,20 +364,35 @@ class CompressedTensorsReader:
         inp = parts.get("input_scale")
         if act is ActScheme.STATIC_TENSOR:
             if inp is None:
-                raise MissingTensorError(f"{module}.input_scale is missing, but group {gname} has static per-tensor "
-                                         f"input activations (weight in {w.file})")
+                raise MissingTensorError(
+                    f"{module}.input_scale is missing, but group {gname} has static per-tensor "
+                    f"input activations (weight in {w.file})"
+                )
             if inp.shape not in ((1,), ()) or inp.dtype not in SCALE_DTYPES:
-                raise UnsupportedSchemeError(f"{module}.input_scale ({inp.file}) is {dtype_name(inp.dtype)} "
-                                             f"{list(inp.shape)}; a static per-tensor scale must be [1] bf16/f16/f32")
+                raise UnsupportedSchemeError(
+                    f"{module}.input_scale ({inp.file}) is {dtype_name(inp.dtype)} "
+                    f"{list(inp.shape)}; a static per-tensor scale must be [1] bf16/f16/f32"
+                )
         elif inp is not None:
-            raise UnsupportedSchemeError(f"{module}.input_scale ({inp.file}) is present, but group {gname} has "
-                                         f"{act} input activations (config and tensors disagree)")
+            raise UnsupportedSchemeError(
+                f"{module}.input_scale ({inp.file}) is present, but group {gname} has "
+                f"{act} input activations (config and tensors disagree)"
+            )
         bias = parts.get("bias")
         if bias is not None and (bias.shape != (out_f,) or bias.dtype not in FLOAT_DTYPES):
-            raise UnsupportedSchemeError(f"{module}.bias ({bias.file}) is {dtype_name(bias.dtype)} {list(bias.shape)}; "
-                                         f"expected a float [{out_f}]")
-        return LinearPlan(module=module, weight=w, weight_scale=s, scheme=scheme, activation=act,
-                          input_scale=inp if act is ActScheme.STATIC_TENSOR else None, bias=bias)
+            raise UnsupportedSchemeError(
+                f"{module}.bias ({bias.file}) is {dtype_name(bias.dtype)} {list(bias.shape)}; "
+                f"expected a float [{out_f}]"
+            )
+        return LinearPlan(
+            module=module,
+            weight=w,
+            weight_scale=s,
+            scheme=scheme,
+            activation=act,
+            input_scale=inp if act is ActScheme.STATIC_TENSOR else None,
+            bias=bias,
+        )
 
     # ---- reading -------------------------------------------------------------------------------
     def read_linear(self, ckpt: Checkpoint, linear: LinearPlan) -> QuantizedLinear:
@@ -330,9 +402,15 @@ class CompressedTensorsReader:
         if linear.input_scale is not None:
             inp = ckpt.load(linear.input_scale.key).to(torch.float32).reshape(1)
         return QuantizedLinear(
-            module=linear.module, weight=ckpt.load(linear.weight.key), weight_scale=scale, scheme=linear.scheme,
-            activation=linear.activation, scale_dtype=linear.weight_scale.dtype, input_scale=inp,
-            bias=ckpt.load(linear.bias.key) if linear.bias is not None else None)
+            module=linear.module,
+            weight=ckpt.load(linear.weight.key),
+            weight_scale=scale,
+            scheme=linear.scheme,
+            activation=linear.activation,
+            scale_dtype=linear.weight_scale.dtype,
+            input_scale=inp,
+            bias=ckpt.load(linear.bias.key) if linear.bias is not None else None,
+        )
 
 
 register(CompressedTensorsReader())

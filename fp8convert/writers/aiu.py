@@ -21,8 +21,18 @@ FULL_PRECISION_MODULES = ("lm_head",)
 
 
 def _args(strategy: str, dynamic: bool, observer: str | None) -> dict[str, object]:
-    return {"actorder": None, "block_structure": None, "dynamic": dynamic, "group_size": None, "num_bits": 8,
-            "observer": observer, "observer_kwargs": {}, "strategy": strategy, "symmetric": True, "type": "float"}
+    return {
+        "actorder": None,
+        "block_structure": None,
+        "dynamic": dynamic,
+        "group_size": None,
+        "num_bits": 8,
+        "observer": observer,
+        "observer_kwargs": {},
+        "strategy": strategy,
+        "symmetric": True,
+        "type": "float",
+    }
 
 
 def quantization_config(weights: Granularity, activation: ActScheme) -> dict[str, object]:
@@ -36,10 +46,15 @@ def quantization_config(weights: Granularity, activation: ActScheme) -> dict[str
     else:
         raise ValueError(f"not an AIU scheme: {weights} + {activation}")
     return {
-        "config_groups": {"group_0": {"input_activations": a, "output_activations": None, "targets": ["Linear"],
-                                      "weights": w}},
-        "format": "float-quantized", "global_compression_ratio": None, "ignore": ["lm_head"],
-        "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {"input_activations": a, "output_activations": None, "targets": ["Linear"], "weights": w}
+        },
+        "format": "float-quantized",
+        "global_compression_ratio": None,
+        "ignore": ["lm_head"],
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
     }
 
 
@@ -48,16 +63,20 @@ def architecture_problems(config: dict) -> list[str]:
     archs = config.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in AIU_ARCHITECTURES:
-        return [f"architecture {arch!r} is not loadable as FP8 by the AIU stack (ibm-fms + fms-model-optimizer "
-                f"support {', '.join(AIU_ARCHITECTURES)}); use --target cpu for a CPU variant only"]
+        return [
+            f"architecture {arch!r} is not loadable as FP8 by the AIU stack (ibm-fms + fms-model-optimizer "
+            f"support {', '.join(AIU_ARCHITECTURES)}); use --target cpu for a CPU variant only"
+        ]
     problems = []
     if config.get("model_type") not in (None, AIU_ARCHITECTURES[arch]):
         problems.append(f"model_type {config.get('model_type')!r} does not match {arch}")
     head_dim = config.get("head_dim")
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
     if arch == "LlamaForCausalLM" and head_dim is not None and hidden and heads and head_dim != hidden // heads:
-        problems.append(f"head_dim {head_dim} != hidden_size/num_attention_heads = {hidden // heads}: fms ignores "
-                        "head_dim for Llama and would build the wrong attention shapes")
+        problems.append(
+            f"head_dim {head_dim} != hidden_size/num_attention_heads = {hidden // heads}: fms ignores "
+            "head_dim for Llama and would build the wrong attention shapes"
+        )
     return problems
 
 

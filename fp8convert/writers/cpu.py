@@ -9,7 +9,6 @@ from fp8convert.shards import link_or_copy, write_json
 from fp8convert.spec import CPU_PLAN_NAME, ActScheme, Granularity, Numerics
 
 
-
 def cpu_plan(modules: dict[str, tuple[Granularity, ActScheme, bool]], *, model_dtype: str = "bfloat16") -> dict:
     """``fp8convert.json``: for every fake-quant module its weight granularity, activations and bias."""
     return {

@@ -1,0 +1,350 @@
+"""The ``fp8convert`` command line: the only module that prints, sets up logging and maps errors to exit
+codes. Commands parse, call the library, and render a human summary or exactly one JSON document.
+
+Exit codes: 0 ok, 1 conversion error (bad input, unsupported layout, output problem), 2 usage error,
+3 verification failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from fp8convert import __version__
+from fp8convert.errors import EXIT_ERROR, Fp8ConvertError
+
+EXIT_CODES_HELP = """\b
+Exit codes: 0 ok, 1 conversion error (bad input, unsupported layout,
+output problem), 2 usage error, 3 verification failed."""
+
+
+def _setup_logging(quiet: bool, verbose: int) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("fp8convert")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def common(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--json, -q, -v, --debug; runs the command, renders its result or its error, sets the exit code."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
+    @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr; no progress bars.")
+    @click.option("-v", "--verbose", count=True, help="Per-tensor detail on stderr.")
+    @click.option("--debug", is_flag=True, envvar="FP8CONVERT_DEBUG", help="Show tracebacks (or FP8CONVERT_DEBUG=1).")
+    @functools.wraps(func)
+    def wrapper(*args: Any, as_json: bool, quiet: bool, verbose: int, debug: bool, **kwargs: Any) -> None:
+        _setup_logging(quiet or as_json, verbose)
+        progress = not (quiet or as_json) and sys.stderr.isatty()
+        try:
+            result, human = func(*args, progress=progress, **kwargs)
+        except Fp8ConvertError as exc:
+            if debug:
+                traceback.print_exc()
+            if as_json:
+                click.echo(
+                    json.dumps({"command": func.__name__.replace("_", "-"), "ok": False, "error": exc.to_dict()})
+                )
+            else:
+                click.echo(f"Error: {exc.render()}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo(
+                "Interrupted; nothing was written at the final output path. Run the same command again.", err=True
+            )
+            sys.exit(130)
+        except Exception as exc:  # the top level: turn any bug into one line, traceback with --debug
+            if debug:
+                traceback.print_exc()
+            error = {"type": type(exc).__name__, "message": str(exc), "exit_code": EXIT_ERROR}
+            if as_json:
+                click.echo(json.dumps({"command": func.__name__.replace("_", "-"), "ok": False, "error": error}))
+            else:
+                click.echo(f"Error: internal error: {type(exc).__name__}: {exc} (rerun with --debug)", err=True)
+            sys.exit(EXIT_ERROR)
+        if as_json:
+            click.echo(json.dumps(result, default=str))
+        else:
+            click.echo(human)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+@click.version_option(__version__, prog_name="fp8convert")
+def main() -> None:
+    """Convert FP8 checkpoints into IBM AIU-ready artifacts and bit-exact CPU fake-quant variants.
+
+    \b
+    fp8convert inspect ./Llama-FP8                  # what is it, what would convert do
+    fp8convert convert ./Llama-FP8 out/             # -> out/aiu, out/cpu, out/fp8convert-report.json
+    fp8convert verify out/                          # checksums, spec, numbers, IBM's loader
+    fp8convert smoke-test out/cpu                   # run a prompt on CPU
+    fp8convert demo demo-out/                       # all of the above on a bundled tiny model
+    """
+
+
+def _format_option(func: Callable[..., Any]) -> Callable[..., Any]:
+    from fp8convert.formats import REGISTRY
+
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(sorted(REGISTRY)),
+        default=None,
+        help="Force a layout instead of detecting it (fails loudly on a mismatch).",
+    )(func)
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_format_option
+@common
+def inspect(source: Path, fmt: str | None, progress: bool) -> tuple[dict, str]:
+    """Show the layout, the evidence, each linear's scheme, and what conversion would do.
+
+    Reads config files and safetensors headers only.
+
+    \b
+    fp8convert inspect ./granite-3.3-8b-instruct-FP8
+    fp8convert inspect ./model --json | jq .linears
+    """
+    from fp8convert.pipeline import inspect_checkpoint
+
+    r = inspect_checkpoint(source, fmt)
+    lines = [f"{r['source']}", f"  layout:       {r['format']} ({r['rule']})"]
+    lines += [f"  evidence:     {e}" for e in r["evidence"]]
+    lines.append(f"  architecture: {r['architecture']}")
+    lines.append(f"  AIU target:   weights {r['target']['weights']} + activations {r['target']['activations']}")
+    lines += [f"  AIU problem:  {p}" for p in r["aiu_problems"]]
+    lines.append(f"  linears ({len(r['linears'])}):")
+    for lin in r["linears"]:
+        lines.append(
+            f"    {lin['module']:<44} {lin['scheme']:<14} {lin['scale_dtype']:<9} {lin['activation']:<15} "
+            f"-> {lin['action']}"
+        )
+    if r["unquantized_linears"]:
+        lines.append(f"  full-precision linears: {', '.join(r['unquantized_linears'])}")
+    if r["kv_cache_scales"]:
+        lines.append(f"  KV-cache scales: {len(r['kv_cache_scales'])} (dropped for the AIU target)")
+    return {"command": "inspect", "ok": True, **r}, "\n".join(lines)
+
+
+def _targets(value: str) -> frozenset:
+    from fp8convert.spec import Target
+
+    try:
+        return frozenset(Target(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use aiu, cpu or aiu,cpu") from None
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--target",
+    "target",
+    default="aiu,cpu",
+    show_default=True,
+    help="What to write: aiu, cpu, or both (comma-separated).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT/aiu, OUT/cpu and the report if OUT is not empty.")
+@click.option(
+    "--quantize-unquantized",
+    is_flag=True,
+    help="Quantize full-precision decoder linears per channel (the AIU stack cannot keep them).",
+)
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
+@_format_option
+@common
+def convert(
+    source: Path,
+    out: Path,
+    target: str,
+    overwrite: bool,
+    quantize_unquantized: bool,
+    max_shard_size: str,
+    fmt: str | None,
+    progress: bool,
+) -> tuple[dict, str]:
+    """Convert SOURCE (a local checkpoint directory) into OUT/aiu, OUT/cpu and OUT/fp8convert-report.json.
+
+    Everything is validated before anything is written; all problems are listed at once. The source is
+    never modified; the output appears atomically.
+
+    \b
+    fp8convert convert ./Llama-3.1-8B-FP8-dynamic out/
+    fp8convert convert ./model out/ --target cpu --overwrite
+    fp8convert convert ./model out/ --json > result.json
+    """
+    from fp8convert.pipeline import ConvertOptions
+    from fp8convert.pipeline import convert as run
+
+    options = ConvertOptions(
+        targets=_targets(target),
+        overwrite=overwrite,
+        format=fmt,
+        quantize_unquantized=quantize_unquantized,
+        max_shard_bytes=_size(max_shard_size),
+        progress=progress,
+    )
+    report = run(source, out, options)
+    s = report["summary"]
+    lines = [
+        f"Converted {report['source']['path']} ({report['source']['format']}) -> {out}",
+        f"  target: weights {report['target']['weights']} + activations {report['target']['activations']}, bf16 scales",
+        f"  linears: {s['linears']} ({s['exact']} exact, {s['lossy']} changed)"
+        + (f"; min SQNR {s['min_sqnr_db']:.1f} dB" if s["min_sqnr_db"] is not None else ""),
+    ]
+    lines += [f"  lossy: {step}" for step in report["lossy_steps"][:10]]
+    if len(report["lossy_steps"]) > 10:
+        lines.append(f"  ... {len(report['lossy_steps']) - 10} more in fp8convert-report.json")
+    if s["kv_cache_scales_dropped"]:
+        lines.append(f"  KV-cache scales dropped: {s['kv_cache_scales_dropped']} (listed in the report)")
+    lines.append(f"  report: {Path(out) / 'fp8convert-report.json'}")
+    return {"command": "convert", "ok": True, "output": str(out), **report}, "\n".join(lines)
+
+
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    t = text.strip().upper()
+    for unit, mult in units.items():
+        if t.endswith(unit) and t[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(t[: -len(unit)]) * mult)
+    if t.isdigit():
+        return int(t)
+    raise click.BadParameter(f"{text!r}: use a size such as 5GB or 500MB", param_hint="--max-shard-size")
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("out", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--source",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The source checkpoint (default: the path recorded in the report).",
+)
+@click.option(
+    "--aiu-check/--no-aiu-check",
+    default=None,
+    help="Load with IBM's loader (needs the aiu-check extra). Default: when installed.",
+)
+@common
+def verify(out: Path, source: Path | None, aiu_check: bool | None, progress: bool) -> tuple[dict, str]:
+    """Check a conversion output: checksums, the AIU spec, numbers against the source, IBM's loader.
+
+    \b
+    fp8convert verify out/
+    fp8convert verify out/ --source ./Llama-FP8 --aiu-check
+    """
+    from fp8convert.verify import verify as run
+
+    r = run(out, source=source, aiu_check=aiu_check)
+    lines = [f"Verified {out}"] + [f"  {'ok ' if c['ok'] else 'WARN'} {c['check']}: {c['detail']}" for c in r["checks"]]
+    return r, "\n".join(lines)
+
+
+@main.command("smoke-test", epilog=EXIT_CODES_HELP)
+@click.argument("cpu_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--prompt", default="The capital of France is", show_default=True)
+@click.option(
+    "--numerics",
+    type=click.Choice(["fallback", "fms-mo", "hardware"]),
+    default="fallback",
+    show_default=True,
+    help="FakeQuantLinear arithmetic.",
+)
+@click.option(
+    "--min-cosine",
+    type=float,
+    default=0.99,
+    show_default=True,
+    help="Fail (exit 3) below this cosine similarity to the dequantized bf16 reference.",
+)
+@common
+def smoke_test(cpu_dir: Path, prompt: str, numerics: str, min_cosine: float, progress: bool) -> tuple[dict, str]:
+    """Run a prompt through the CPU variant and compare its logits with the dequantized bf16 reference.
+
+    Needs the cpu extra (transformers).
+
+    \b
+    fp8convert smoke-test out/cpu
+    fp8convert smoke-test out/cpu --numerics hardware --prompt "Hello"
+    """
+    from fp8convert.verify import smoke_test as run
+
+    r = run(cpu_dir, prompt=prompt, numerics=numerics, min_cosine=min_cosine)
+    human = (
+        f"Smoke test of {cpu_dir} ({numerics} numerics, {r['tokens']} tokens from {r['token_source']}):\n"
+        f"  cosine {r['cosine']:.5f}, top-1 agreement {r['top1_agreement']:.2f}, rel-L2 {r['rel_l2']:.4f} "
+        f"vs the dequantized bf16 reference: ok"
+    )
+    return r, human
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("out", type=click.Path(path_type=Path), default="fp8convert-demo")
+@click.option("--overwrite", is_flag=True, help="Replace a previous demo in OUT.")
+@common
+def demo(out: Path, overwrite: bool, progress: bool) -> tuple[dict, str]:
+    """Build a tiny FP8 Llama (compressed-tensors FP8_DYNAMIC, as llm-compressor writes it) in OUT/source,
+    then convert, verify and smoke-test it. No network needed.
+
+    \b
+    fp8convert demo
+    fp8convert demo /tmp/fp8-demo --overwrite
+    """
+    import shutil
+
+    from fp8convert.examples import build_compressed_tensors
+    from fp8convert.pipeline import ConvertOptions
+    from fp8convert.pipeline import convert as run_convert
+    from fp8convert.verify import smoke_test, verify
+
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            from fp8convert.errors import OutputError
+
+            raise OutputError("the demo directory is not empty", where=str(out), hint="pass --overwrite")
+        for name in ("source", "converted"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    src = build_compressed_tensors(out / "source", scheme="FP8_DYNAMIC")
+    report = run_convert(src, out / "converted", ConvertOptions(progress=progress))
+    checked = verify(out / "converted")
+    smoke = smoke_test(out / "converted" / "cpu")
+    lines = [
+        f"1. wrote a tiny FP8 Llama (compressed-tensors FP8_DYNAMIC) to {src}",
+        f"2. converted it: {out / 'converted'}/aiu (AIU artifact), /cpu (CPU variant), /fp8convert-report.json "
+        f"({report['summary']['linears']} linears, {report['summary']['exact']} exact)",
+        f"3. verified: {sum(c['ok'] for c in checked['checks'])}/{len(checked['checks'])} checks passed",
+    ]
+    lines += [f"     {c['check']}: {c['detail']}" for c in checked["checks"]]
+    lines.append(
+        f"4. smoke test on CPU: cosine {smoke['cosine']:.5f}, top-1 agreement {smoke['top1_agreement']:.2f} "
+        "vs the dequantized bf16 reference"
+    )
+    lines.append(f"Next: fp8convert inspect {src}   |   fp8convert convert YOUR-FP8-MODEL out/")
+    return {
+        "command": "demo",
+        "ok": True,
+        "source": str(src),
+        "convert": report,
+        "verify": checked,
+        "smoke_test": smoke,
+    }, "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

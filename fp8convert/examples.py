@@ -1,0 +1,375 @@
+"""Tiny, seeded compressed-tensors FP8 checkpoints, written the way llm-compressor 0.14 writes them.
+
+Used by ``fp8convert demo`` (the bundled example) and by the test suite's fixture builder. The key set,
+dtypes and shapes reproduce real llm-compressor 0.14.0.1 / compressed-tensors 0.19.0 output (checked
+against checkpoints it wrote on CPU): F8_E4M3 ``weight [out, in]``; BF16 ``weight_scale`` ``[out, 1]``
+(channel), ``[1]`` (tensor) or ``[ceil(out/128), ceil(in/128)]`` (block); BF16 ``input_scale [1]`` for static
+activations; ``self_attn.k_scale``/``v_scale`` ``[1]`` or ``[kv_heads, 1, 1]``; ``lm_head``, embeddings and
+norms BF16; the config block with ``version``, ``sparsity_config``, ``transform_config`` and per-args
+``scale_dtype``/``zp_dtype``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fp8convert.numerics import E4M3_MAX
+from fp8convert.shards import OutTensor, tensor_bytes, write_safetensors, write_sharded
+
+#: llm-compressor preset -> (weights strategy, input activations (strategy, dynamic) or None, format)
+SCHEMES: dict[str, tuple[str, tuple[str, bool] | None, str]] = {
+    "FP8_DYNAMIC": ("channel", ("token", True), "float-quantized"),
+    "FP8": ("tensor", ("tensor", False), "float-quantized"),
+    "FP8_BLOCK": ("block", ("group", True), "float-quantized"),
+    "FP8_TENSOR_DYNAMIC": ("tensor", ("tensor", True), "float-quantized"),
+    "FP8_TENSOR_TOKEN": ("tensor", ("token", True), "float-quantized"),
+    "FP8_CHANNEL_STATIC": ("channel", ("tensor", False), "float-quantized"),
+    "W8A16_CHANNEL": ("channel", None, "naive-quantized"),
+    "W8A16_TENSOR": ("tensor", None, "naive-quantized"),
+    "W8A16_BLOCK": ("block", None, "naive-quantized"),
+}
+PROJ = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def _args(
+    strategy: str, dynamic: bool, observer: str | None, *, block: list[int] | None = None, group_size: int | None = None
+) -> dict[str, object]:
+    return {
+        "actorder": None,
+        "block_structure": block,
+        "dynamic": dynamic,
+        "group_size": group_size,
+        "num_bits": 8,
+        "observer": observer,
+        "observer_kwargs": {},
+        "scale_dtype": None,
+        "strategy": strategy,
+        "symmetric": True,
+        "type": "float",
+        "zp_dtype": None,
+    }
+
+
+def quantization_config(scheme: str, *, kv_cache: str | None = None, ignore: list[str] | None = None) -> dict:
+    """The ``quantization_config`` llm-compressor 0.14 writes for a preset."""
+    w_strategy, acts, fmt = SCHEMES[scheme]
+    weights = _args(w_strategy, False, "memoryless_minmax", block=[128, 128] if w_strategy == "block" else None)
+    inputs = None
+    if acts is not None:
+        a_strategy, dynamic = acts
+        inputs = _args(
+            a_strategy, dynamic, None if dynamic else "static_minmax", group_size=128 if a_strategy == "group" else None
+        )
+    kv = None
+    if kv_cache:
+        kv = _args(kv_cache, False, None)
+    return {
+        "config_groups": {
+            "group_0": {
+                "format": fmt,
+                "input_activations": inputs,
+                "output_activations": None,
+                "targets": ["Linear"],
+                "weights": weights,
+            }
+        },
+        "format": fmt,
+        "global_compression_ratio": None,
+        "ignore": ignore if ignore is not None else ["lm_head"],
+        "kv_cache_scheme": kv,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": "0.19.0",
+    }
+
+
+def model_config(
+    arch: str,
+    *,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab: int,
+    bias: bool,
+    tie: bool,
+) -> dict:
+    config: dict[str, object] = {
+        "architectures": ["GraniteForCausalLM" if arch == "granite" else "LlamaForCausalLM"],
+        "attention_bias": bias,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "dtype": "bfloat16",
+        "eos_token_id": 2,
+        "head_dim": hidden // heads,
+        "hidden_act": "silu",
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": intermediate,
+        "max_position_embeddings": 256,
+        "mlp_bias": bias,
+        "model_type": arch,
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": kv_heads,
+        "pad_token_id": 0,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+        "tie_word_embeddings": tie,
+        "use_cache": True,
+        "vocab_size": vocab,
+    }
+    if arch == "granite":
+        config.update(
+            {
+                "attention_multiplier": 0.015625,
+                "embedding_multiplier": 12.0,
+                "logits_scaling": 8.0,
+                "residual_multiplier": 0.22,
+            }
+        )
+    return config
+
+
+def _weight_scale(w: torch.Tensor, strategy: str, scale_dtype: torch.dtype) -> torch.Tensor:
+    """amax / 448 in fp32, stored in ``scale_dtype`` (the observed dtype, as compressed-tensors does)."""
+    out_f, in_f = w.shape
+    w32 = w.float().abs()
+    if strategy == "tensor":
+        amax = w32.amax().reshape(1)
+    elif strategy == "channel":
+        amax = w32.amax(dim=1, keepdim=True)
+    else:  # block 128x128, zero-padded edges
+        pad = torch.zeros(-(-out_f // 128) * 128, -(-in_f // 128) * 128)
+        pad[:out_f, :in_f] = w32
+        amax = pad.reshape(pad.shape[0] // 128, 128, pad.shape[1] // 128, 128).amax(dim=(1, 3))
+    return (amax / E4M3_MAX).clamp(min=1e-12).to(scale_dtype)
+
+
+def _quantize(w: torch.Tensor, scale: torch.Tensor, strategy: str) -> torch.Tensor:
+    s = scale.float()
+    if strategy == "block":
+        s = s.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
+    return torch.clamp(w.float() / s, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def _linear_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict[str, tuple[int, int]]:
+    hd = hidden // heads
+    return {
+        "self_attn.q_proj": (hidden, hidden),
+        "self_attn.k_proj": (kv_heads * hd, hidden),
+        "self_attn.v_proj": (kv_heads * hd, hidden),
+        "self_attn.o_proj": (hidden, hidden),
+        "mlp.gate_proj": (intermediate, hidden),
+        "mlp.up_proj": (intermediate, hidden),
+        "mlp.down_proj": (hidden, intermediate),
+    }
+
+
+def build_tensors(
+    *,
+    scheme: str,
+    arch: str = "llama",
+    hidden: int = 256,
+    intermediate: int = 512,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 512,
+    bias: bool = False,
+    tie: bool | None = None,
+    kv_cache: str | None = None,
+    scale_dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    legacy_kv_names: bool = False,
+    unquantized: tuple[str, ...] = (),
+) -> dict[str, torch.Tensor]:
+    """All tensors of a tiny seeded FP8 checkpoint (bf16 model, fp8 linears), by HF name."""
+    g = torch.Generator().manual_seed(seed)
+    tie = (arch == "granite") if tie is None else tie
+    w_strategy, acts, _ = SCHEMES[scheme]
+
+    def randn(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    t: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": randn(vocab, hidden, std=1.0),
+        "model.norm.weight": (1 + randn(hidden, std=0.1)).to(torch.bfloat16),
+    }
+    if not tie:
+        t["lm_head.weight"] = randn(vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = (1 + randn(hidden, std=0.1)).to(torch.bfloat16)
+        t[p + "post_attention_layernorm.weight"] = (1 + randn(hidden, std=0.1)).to(torch.bfloat16)
+        shared_input: dict[str, torch.Tensor] = {}
+        for name, (out_f, in_f) in _linear_shapes(hidden, intermediate, heads, kv_heads).items():
+            w = randn(out_f, in_f)
+            w[0, 0] = 0.2  # an outlier, so scales differ visibly between rows and blocks
+            mod = p + name
+            if bias:
+                t[mod + ".bias"] = randn(out_f)
+            if f"{i}.{name}" in unquantized or mod in unquantized:
+                t[mod + ".weight"] = w
+                continue
+            scale = _weight_scale(w, w_strategy, scale_dtype)
+            t[mod + ".weight"] = _quantize(w, scale, w_strategy)
+            t[mod + ".weight_scale"] = scale
+            if acts is not None and not acts[1]:
+                share = {
+                    "self_attn.q_proj": "qkv",
+                    "self_attn.k_proj": "qkv",
+                    "self_attn.v_proj": "qkv",
+                    "mlp.gate_proj": "gu",
+                    "mlp.up_proj": "gu",
+                }.get(name, name)
+                if share not in shared_input:
+                    shared_input[share] = (torch.rand(1, generator=g) * 0.01 + 0.001).to(scale_dtype)
+                t[mod + ".input_scale"] = shared_input[share]
+        if kv_cache:
+            shape = (kv_heads, 1, 1) if kv_cache == "attn_head" else (1,)
+            for kind in ("k", "v"):
+                key = f"{p}self_attn.{kind}_proj.output_scale" if legacy_kv_names else f"{p}self_attn.{kind}_scale"
+                t[key] = (torch.rand(*shape, generator=g) * 0.05 + 0.01).to(scale_dtype)
+    return t
+
+
+def write_checkpoint(
+    path: Path, tensors: dict[str, torch.Tensor], config: dict, *, shards: int = 1, tokenizer: bool = True
+) -> Path:
+    """Write tensors + config (+ a tiny tokenizer and generation config) as llm-compressor saves them."""
+    path.mkdir(parents=True, exist_ok=True)
+    outs = [OutTensor(k, v.dtype, tuple(v.shape), lambda v=v: [tensor_bytes(v)]) for k, v in tensors.items()]
+    if shards == 1:
+        write_safetensors(path / "model.safetensors", sorted(outs, key=lambda o: o.key))
+    else:
+        total = sum(o.nbytes for o in outs)
+        write_sharded(path, outs, max_shard_bytes=-(-total // shards))
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (path / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}, indent=2) + "\n"
+    )
+    if tokenizer:
+        write_tokenizer(path, int(config["vocab_size"]))
+    return path
+
+
+def build_compressed_tensors(
+    path: str | Path,
+    *,
+    scheme: str = "FP8_DYNAMIC",
+    arch: str = "llama",
+    hidden: int = 256,
+    intermediate: int = 512,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vocab: int = 512,
+    bias: bool = False,
+    tie: bool | None = None,
+    kv_cache: str | None = None,
+    scale_dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    shards: int = 1,
+    legacy_kv_names: bool = False,
+    ignore: list[str] | None = None,
+    unquantized: tuple[str, ...] = (),
+) -> Path:
+    """Write a tiny seeded compressed-tensors FP8 checkpoint; returns its directory."""
+    tie = (arch == "granite") if tie is None else tie
+    tensors = build_tensors(
+        scheme=scheme,
+        arch=arch,
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
+        bias=bias,
+        tie=tie,
+        kv_cache=kv_cache,
+        scale_dtype=scale_dtype,
+        seed=seed,
+        legacy_kv_names=legacy_kv_names,
+        unquantized=unquantized,
+    )
+    config = model_config(
+        arch,
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
+        bias=bias,
+        tie=tie,
+    )
+    config["quantization_config"] = quantization_config(scheme, kv_cache=kv_cache, ignore=ignore)
+    return write_checkpoint(Path(path), tensors, config, shards=shards)
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer (tokenizers' JSON format): specials, then lower-case words, then filler tokens."""
+    words = (
+        "the capital of france is paris a an and to in on it was for with as by at from this that "
+        "what who where when how why hello world model fp8 cpu test one two three four five six seven "
+        "eight nine ten"
+    ).split()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    while len(vocab) < vocab_size:
+        vocab[f"tok{len(vocab)}"] = len(vocab)
+    specials = [
+        {
+            "id": i,
+            "content": c,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": True,
+        }
+        for c, i in list(vocab.items())[:4]
+    ]
+    tok = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": specials,
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": None,
+        "decoder": None,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+    }
+    (path / "tokenizer.json").write_text(json.dumps(tok, indent=1) + "\n")
+    (path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "<pad>",
+                "unk_token": "<unk>",
+                "model_max_length": 128,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+            },
+            indent=2,
+        )
+        + "\n"
+    )

@@ -11,6 +11,7 @@ norms BF16; the config block with ``version``, ``sparsity_config``, ``transform_
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -253,7 +254,7 @@ def write_checkpoint(
 ) -> Path:
     """Write tensors + config (+ a tiny tokenizer and generation config) as llm-compressor saves them."""
     path.mkdir(parents=True, exist_ok=True)
-    outs = [OutTensor(k, v.dtype, tuple(v.shape), lambda v=v: [tensor_bytes(v)]) for k, v in tensors.items()]
+    outs = [OutTensor(k, v.dtype, tuple(v.shape), functools.partial(_chunks, v)) for k, v in tensors.items()]
     if shards == 1:
         write_safetensors(path / "model.safetensors", sorted(outs, key=lambda o: o.key))
     else:
@@ -266,6 +267,10 @@ def write_checkpoint(
     if tokenizer:
         write_tokenizer(path, int(config["vocab_size"]))
     return path
+
+
+def _chunks(t: torch.Tensor) -> list[bytes]:
+    return [tensor_bytes(t)]
 
 
 def build_compressed_tensors(

@@ -72,6 +72,11 @@ class FakeQuantLinear(nn.Module):
     The output has the dtype of the input.
     """
 
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
+    bias: torch.Tensor | None
+
     def __init__(
         self,
         in_features: int,
@@ -271,9 +276,9 @@ def _parameters_on_meta() -> Iterator[None]:
         original(module, name, param)
         if param is not None:
             kwargs = param.__dict__
-            module._parameters[name] = type(param)(param.to("meta"), **kwargs)  # type: ignore[call-arg]
+            module._parameters[name] = type(param)(param.to("meta"), **kwargs)
 
-    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:

@@ -20,6 +20,7 @@ from fp8convert.numerics import (
     bf16_round_up,
     channel_scale,
     dequantize,
+    dequantize_linear,
     is_exact_bf16,
     quantize,
     row_chunks,
@@ -224,7 +225,7 @@ def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme])
 
 def dequantize_to_bf16(ql: QuantizedLinear) -> tuple[torch.Tensor, dict[str, object]]:
     """A quantized linear kept in full precision (``lm_head``): bf16 ``[out, in]`` plus its report entry."""
-    hp = ql.dequantize()
+    hp = dequantize_linear(ql)
     w = hp.to(torch.bfloat16)
     stats = ErrorStats()
     stats.add(hp, w)

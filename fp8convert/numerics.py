@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from fp8convert.spec import Granularity, WeightScheme
+from fp8convert.spec import Granularity, QuantizedLinear, WeightScheme
 
 E4M3_MAX = 448.0
 E4M3FNUZ_MAX = 240.0
@@ -43,6 +43,11 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, scheme: WeightScheme) 
     """fp32 ``[out, in]`` = ``fp32(weight) * scale`` (exact for bf16/fp16 scales; one rounding for fp32)."""
     out_features, in_features = weight.shape
     return weight.to(torch.float32) * expand_scale(scale, scheme, out_features, in_features)
+
+
+def dequantize_linear(linear: QuantizedLinear) -> torch.Tensor:
+    """The high-precision weight ``[out, in]`` fp32 of a canonical linear."""
+    return dequantize(linear.weight, linear.weight_scale, linear.scheme)
 
 
 def row_chunks(out_features: int, in_features: int, align: int = 1) -> list[tuple[int, int]]:

@@ -4,6 +4,7 @@ atomically -> report. Returns plain dicts (the CLI renders them as text or JSON)
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -253,13 +254,17 @@ def _plan_outputs(
                     ref.key,
                     torch.bfloat16,
                     ref.shape,
-                    lambda key=ref.key: [tensor_bytes(ckpt.load(key).to(torch.bfloat16))],
+                    functools.partial(_cast_bf16, ckpt, ref.key),
                 )
             )
         else:
             passthrough[ref.key] = "copied"
-            outs.append(OutTensor(ref.key, ref.dtype, ref.shape, lambda key=ref.key: ckpt.raw_chunks(key)))
+            outs.append(OutTensor(ref.key, ref.dtype, ref.shape, functools.partial(ckpt.raw_chunks, ref.key)))
     return outs, fake, passthrough
+
+
+def _cast_bf16(ckpt: Checkpoint, key: str) -> list[bytes]:
+    return [tensor_bytes(ckpt.load(key).to(torch.bfloat16))]
 
 
 def _bar(options: ConvertOptions, desc: str, total: int) -> tqdm:
@@ -348,7 +353,7 @@ def build_report(
     import safetensors
 
     layers = {m: records[m] for m in sorted(records, key=natural_key)}
-    lossy = [f"{m}: {'; '.join(str(a) for a in r['actions'])}" for m, r in layers.items() if not r["exact"]]
+    lossy = [f"{m}: {'; '.join(map(str, r['actions']))}" for m, r in layers.items() if not r["exact"]]  # type: ignore[call-overload]
     lossy += [f"{k}: {v}" for k, v in passthrough.items() if v != "copied"]
     sqnrs = [r["sqnr_db"] for r in layers.values() if isinstance(r["sqnr_db"], float)]
     files: dict[str, dict[str, object]] = {}

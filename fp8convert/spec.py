@@ -176,12 +176,6 @@ class QuantizedLinear:
     bias: torch.Tensor | None = None
     act_upper_bound: float | None = None
 
-    def dequantize(self) -> torch.Tensor:
-        """The high-precision weight ``[out, in]`` fp32 (exact: fp8 x fp32 scale)."""
-        from fp8convert.numerics import dequantize
-
-        return dequantize(self.weight, self.weight_scale, self.scheme)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KVScale:

@@ -18,7 +18,7 @@ import torch
 from fp8convert.errors import CheckpointError, VerificationError
 from fp8convert.fakequant import FakeQuantLinear, load_cpu_model, read_cpu_plan
 from fp8convert.formats import open_source
-from fp8convert.numerics import ErrorStats, fp8_nan_count
+from fp8convert.numerics import ErrorStats, dequantize_linear, fp8_nan_count
 from fp8convert.shards import Checkpoint, read_json, sha256_file
 from fp8convert.spec import CPU_PLAN_NAME, ActScheme, Granularity, Numerics
 
@@ -197,7 +197,7 @@ def _check_numbers(src: Path, ckpt: Checkpoint, report: dict, checks: _Checks, f
         rec = report["layers"].get(lin.module)
         if rec is None or f"{lin.module}.weight_scale" not in ckpt.tensors:
             continue
-        ref = reader.read_linear(s_ckpt, lin).dequantize()
+        ref = dequantize_linear(reader.read_linear(s_ckpt, lin))
         w = ckpt.load(f"{lin.module}.weight").float()
         s = ckpt.load(f"{lin.module}.weight_scale").float()
         got = w * (s.reshape(-1, 1) if s.numel() > 1 else s.reshape(1, 1))

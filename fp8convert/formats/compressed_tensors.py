@@ -134,7 +134,12 @@ class CompressedTensorsReader:
                 if suffix in parts:
                     problems.append(f"{module}.{suffix} ({parts[suffix].file}): {why} is not FP8 and not supported")
             if w.dtype not in FP8_DTYPES:
-                if w.dtype in FLOAT_DTYPES and len(w.shape) == 2 and "weight_scale" not in parts:
+                if (
+                    w.dtype in FLOAT_DTYPES
+                    and len(w.shape) == 2
+                    and "embed" not in module
+                    and "weight_scale" not in parts
+                ):
                     unquantized.append(module)
                 if "weight_scale" in parts:
                     problems.append(
@@ -332,7 +337,7 @@ class CompressedTensorsReader:
         out_f, in_f = w.shape
         strategy = wargs["strategy"]
         if strategy == "block":
-            scheme = WeightScheme(granularity=Granularity.BLOCK, block=tuple(wargs["block_structure"]))  # type: ignore[arg-type]
+            scheme = WeightScheme(granularity=Granularity.BLOCK, block=tuple(wargs["block_structure"]))
         else:
             scheme = WeightScheme(granularity=Granularity(strategy))
         s = parts.get("weight_scale")

@@ -6,6 +6,7 @@ scale; the cast fp32 -> e4m3fn rounds to nearest even and must be preceded by an
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import torch
@@ -15,7 +16,7 @@ from fp8convert.spec import Granularity, QuantizedLinear, WeightScheme
 E4M3_MAX = 448.0
 E4M3FNUZ_MAX = 240.0
 #: Rows per chunk when requantizing, so fp32 working memory stays bounded (DESIGN.md 6).
-CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 22
 
 
 def fp8_max(dtype: torch.dtype) -> float:
@@ -87,14 +88,19 @@ def channel_scale(hp: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_nan_count(weight: torch.Tensor) -> int:
-    """Number of NaN codes in an fp8 tensor (e4m3fn: 0x7F/0xFF; fnuz: 0x80; e5m2: exponent all ones)."""
-    u = weight.view(torch.uint8)
-    if weight.dtype == torch.float8_e4m3fn:
-        return int(((u & 0x7F) == 0x7F).sum())
-    if weight.dtype in (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):
-        return int((u == 0x80).sum())
+    """Number of NaN codes in an fp8 tensor (e4m3fn: 0x7F/0xFF; fnuz: 0x80; e5m2: exponent all ones).
+
+    e4m3fn and fnuz are counted with ``bytes.count`` (memchr speed; a torch mask is ~10x slower).
+    """
+    w = weight.detach().contiguous()
     if weight.dtype == torch.float8_e5m2:
+        u = w.view(torch.uint8)
         return int((((u & 0x7C) == 0x7C) & ((u & 0x03) != 0)).sum())
+    data = ctypes.string_at(w.data_ptr(), w.numel()) if w.numel() else b""
+    if weight.dtype == torch.float8_e4m3fn:
+        return data.count(b"\x7f") + data.count(b"\xff")
+    if weight.dtype in (torch.float8_e4m3fnuz, torch.float8_e5m2fnuz):
+        return data.count(b"\x80")
     return 0
 
 

@@ -308,7 +308,7 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
         work = tmp / str(first)
         work.mkdir()
         with _bar(options, "Convert", sum(t.nbytes for t in outs)) as bar:
-            write_sharded(work, outs, max_shard_bytes=options.max_shard_bytes, on_bytes=bar.update)
+            known = write_sharded(work, outs, max_shard_bytes=options.max_shard_bytes, on_bytes=bar.update)
         write_json(work / "config.json", aiu.target_config(config, *target))
         aux = copy_aux_files(src, work)
         links: dict[str, str] = {}
@@ -316,7 +316,7 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
             links = write_cpu_variant(work, tmp / "cpu", cpu_plan(fake))
         elif first is Target.CPU:
             write_json(work / "fp8convert.json", cpu_plan(fake))
-        report = build_report(src, config, plan, options, target, producer.records, passthrough, aux, links, tmp)
+        report = build_report(src, config, plan, options, target, producer.records, passthrough, aux, links, tmp, known)
         write_json(tmp / REPORT_NAME, report)
         for name in [str(t) for t in sorted(options.targets)] + [REPORT_NAME]:
             final = dst / name
@@ -348,6 +348,7 @@ def build_report(
     aux: list[str],
     links: dict[str, str],
     tmp: Path,
+    known: dict[str, str],
 ) -> dict:
     """The report: source and evidence, per-layer actions and errors, every lossy step, file checksums."""
     import safetensors
@@ -357,11 +358,9 @@ def build_report(
     lossy += [f"{k}: {v}" for k, v in passthrough.items() if v != "copied"]
     sqnrs = [r["sqnr_db"] for r in layers.values() if isinstance(r["sqnr_db"], float)]
     files: dict[str, dict[str, object]] = {}
-    digests: dict[int, str] = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        ino = path.stat().st_ino
-        digests.setdefault(ino, sha256_file(path))
-        files[str(path.relative_to(tmp))] = {"sha256": digests[ino], "size": path.stat().st_size}
+        digest = known.get(path.name) or sha256_file(path)  # shards were hashed while written
+        files[str(path.relative_to(tmp))] = {"sha256": digest, "size": path.stat().st_size}
     return {
         "fp8convert_report_version": 1,
         "versions": {

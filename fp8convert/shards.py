@@ -155,7 +155,6 @@ class Checkpoint:
                     self.problems.append(f"tensor {key} appears in both {self.tensors[key].file} and {file}")
                 self.tensors[key] = ref
         self._check_index_keys()
-        self._handles: dict[str, object] = {}
 
     def _list_files(self, pattern: str) -> list[str]:
         index_path = self.root / INDEX_NAME
@@ -217,13 +216,20 @@ class Checkpoint:
         return self.tensors[key]
 
     def load(self, key: str) -> torch.Tensor:
-        """Read one tensor (memory-mapped by safetensors, then materialised)."""
+        """Read one tensor into memory (a plain read at its offset: no mmap of the whole shard)."""
         ref = self.tensors[key]
-        handle = self._handles.get(ref.file)
-        if handle is None:
-            handle = safe_open(str(self.root / ref.file), framework="pt")
-            self._handles[ref.file] = handle
-        return handle.get_tensor(key)  # type: ignore[attr-defined]
+        buf = bytearray(ref.nbytes)
+        with (self.root / ref.file).open("rb") as f:
+            f.seek(ref.offset)
+            if f.readinto(buf) != ref.nbytes:
+                raise CheckpointError(
+                    f"unexpected end of file reading {key}",
+                    where=str(self.root / ref.file),
+                    hint="the file is truncated: download it again",
+                )
+        if not buf:
+            return torch.empty(ref.shape, dtype=ref.dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(ref.dtype).reshape(ref.shape)
 
     def raw_chunks(self, key: str) -> Iterator[bytes]:
         """The tensor's bytes straight from the file, in chunks, without decoding."""
@@ -240,7 +246,7 @@ class Checkpoint:
                 yield chunk
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing is held open between reads; kept so callers can use a uniform open/close pattern."""
 
 
 # ---- writing ------------------------------------------------------------------------------------
@@ -277,8 +283,9 @@ def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[Out
     return shards
 
 
-def write_safetensors(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], None] | None = None) -> None:
-    """Write one safetensors file tensor by tensor (header first, then each tensor's bytes in order)."""
+def write_safetensors(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], None] | None = None) -> str:
+    """Write one safetensors file tensor by tensor (header first, then each tensor's bytes in order);
+    returns the file's sha256, computed on the way."""
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for t in tensors:
@@ -290,13 +297,16 @@ def write_safetensors(path: Path, tensors: list[OutTensor], on_bytes: Callable[[
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
+    digest = hashlib.sha256()
     with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        for head in (struct.pack("<Q", len(raw)), raw):
+            f.write(head)
+            digest.update(head)
         for t in tensors:
             written = 0
             for chunk in t.produce():
                 f.write(chunk)
+                digest.update(chunk)
                 written += len(chunk)
             if written != t.nbytes:
                 raise OutputError(
@@ -304,6 +314,7 @@ def write_safetensors(path: Path, tensors: list[OutTensor], on_bytes: Callable[[
                 )
             if on_bytes:
                 on_bytes(written)
+    return digest.hexdigest()
 
 
 def check_written(path: Path, tensors: list[OutTensor]) -> None:
@@ -326,8 +337,9 @@ def write_sharded(
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map: dict[str, str] = {}
+    digests = {}
     for name, shard in zip(names, shards, strict=True):
-        write_safetensors(directory / name, shard, on_bytes)
+        digests[name] = write_safetensors(directory / name, shard, on_bytes)
         check_written(directory / name, shard)
         weight_map.update({t.key: name for t in shard})
     index = {
@@ -335,7 +347,7 @@ def write_sharded(
         "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))),
     }
     (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return [*names, INDEX_NAME]
+    return digests
 
 
 def write_json(path: Path, data: object) -> None:

@@ -59,6 +59,8 @@ def common(func: Callable[..., Any]) -> Callable[..., Any]:
             else:
                 click.echo(f"Error: {exc.render()}", err=True)
             sys.exit(exc.exit_code)
+        except click.ClickException:
+            raise  # usage errors: click prints them and exits 2
         except KeyboardInterrupt:
             click.echo(
                 "Interrupted; nothing was written at the final output path. Run the same command again.", err=True

@@ -89,26 +89,30 @@ def _to_e4m3fn(ql: QuantizedLinear, actions: list[str]) -> tuple[torch.Tensor, b
     raise UnsupportedSchemeError(f"{ql.module}.weight has dtype {w.dtype}, not an fp8 dtype")
 
 
+def _dequant_rows(q: torch.Tensor, scale: torch.Tensor, scheme: WeightScheme, r0: int, r1: int) -> torch.Tensor:
+    """fp32 rows ``[r0, r1)`` of the dequantized weight (r0 aligned to the block height for BLOCK)."""
+    if scheme.granularity is Granularity.BLOCK:
+        assert scheme.block is not None
+        bo = scheme.block[0]
+        return dequantize(q[r0:r1], scale[r0 // bo : -(-r1 // bo)], scheme)
+    if scheme.granularity is Granularity.CHANNEL:
+        return q[r0:r1].to(torch.float32) * scale.reshape(-1, 1)[r0:r1].to(torch.float32)
+    return q[r0:r1].to(torch.float32) * scale.reshape(1, 1).to(torch.float32)
+
+
 def _requantize(
     q: torch.Tensor, old_scale: torch.Tensor, old: WeightScheme, new_scale: torch.Tensor | None, stats: ErrorStats
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantize with ``old`` and requantize per channel, in row chunks.
+    """Dequantize with ``old`` and requantize to e4m3fn, in row chunks.
 
     ``new_scale`` (bf16 ``[out,1]`` or ``[1]``) is computed per channel from the dequantized rows when None.
     Returns (codes e4m3fn, new scale bf16).
     """
     out_f, in_f = q.shape
-    align = old.block[0] if old.block else 1
     codes = torch.empty((out_f, in_f), dtype=torch.float8_e4m3fn)
     scales = []
-    for r0, r1 in row_chunks(out_f, in_f, align):
-        if old.granularity is Granularity.BLOCK:
-            s_rows = old_scale[r0 // align : -(-r1 // align)]
-            hp = dequantize(q[r0:r1], s_rows, old)
-        elif old.granularity is Granularity.CHANNEL:
-            hp = q[r0:r1].to(torch.float32) * old_scale[r0:r1].reshape(-1, 1)
-        else:
-            hp = q[r0:r1].to(torch.float32) * old_scale.reshape(1, 1)
+    for r0, r1 in row_chunks(out_f, in_f, old.block[0] if old.block else 1):
+        hp = _dequant_rows(q, old_scale, old, r0, r1)
         if new_scale is None:
             s_new = channel_scale(hp)
             scales.append(s_new)
@@ -117,6 +121,19 @@ def _requantize(
         codes[r0:r1] = quantize(hp, s_new.to(torch.float32))
         stats.add(hp, codes[r0:r1].to(torch.float32) * s_new.to(torch.float32))
     return codes, (torch.cat(scales) if new_scale is None else new_scale)
+
+
+def _tensor_scale(q: torch.Tensor, scale: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
+    """One bf16 scale ``[1]`` for the whole dequantized weight: amax / 448 rounded up (1.0 if all zero)."""
+    out_f, in_f = q.shape
+    amax = max(
+        (
+            float(_dequant_rows(q, scale, scheme, r0, r1).abs().max())
+            for r0, r1 in row_chunks(out_f, in_f, scheme.block[0] if scheme.block else 1)
+        ),
+        default=0.0,
+    )
+    return bf16_round_up(torch.tensor([amax / E4M3_MAX if amax > 0 else 1.0]))
 
 
 def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme]) -> Normalized:
@@ -130,6 +147,12 @@ def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme])
     weight_unchanged = q is ql.weight
     lossy = False
     changed = 0
+    if ql.weight.dtype == torch.float8_e4m3fnuz:  # by value: values below 2^-6 (fp8 units) may move
+        for r0, r1 in row_chunks(out_f, in_f, src.block[0] if src.block else 1):
+            stats.add(
+                _dequant_rows(ql.weight, ql.weight_scale, src, r0, r1), _dequant_rows(q, ql.weight_scale, src, r0, r1)
+            )
+        changed, lossy = stats.changed, stats.changed > 0
 
     if gran is Granularity.TENSOR and src.granularity is not Granularity.TENSOR:
         raise UnsupportedSchemeError(f"{ql.module}: cannot target per-tensor weights from {src.describe()}")
@@ -139,8 +162,10 @@ def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme])
                 f"{src.describe()} -> channel: dequantized and requantized per channel (amax/448, "
                 "scale rounded up to bf16)"
             )
-        q, scale = _requantize(ql.weight, ql.weight_scale, src, None, stats)
+        per_tensor = _tensor_scale(ql.weight, ql.weight_scale, src) if gran is Granularity.TENSOR else None
+        q, scale = _requantize(ql.weight, ql.weight_scale, src, per_tensor, stats)
         changed, weight_unchanged, lossy = stats.changed, False, True
+        scale = scale.reshape(1) if gran is Granularity.TENSOR else scale.reshape(out_f, 1)
     else:
         s32 = ql.weight_scale.to(torch.float32)
         if is_exact_bf16(s32):

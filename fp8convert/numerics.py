@@ -65,7 +65,7 @@ def quantize(hp: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 def bf16_round_up(x: torch.Tensor) -> torch.Tensor:
     """Smallest bf16 value >= x, for positive finite x; returned as bf16."""
     b = x.to(torch.bfloat16)
-    low = b.to(torch.float32) < x.to(torch.float32)
+    low = b.to(torch.float64) < x.to(torch.float64)  # fp64 holds every bf16/fp16/fp32 value exactly
     if bool(low.any()):
         bits = b.view(torch.int16).clone()
         bits[low] += 1  # positive values: the next bit pattern is the next larger bf16

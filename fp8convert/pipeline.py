@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from fp8convert import __version__
-from fp8convert.errors import CheckpointError, OutputError
+from fp8convert.errors import CheckpointError, OutputError, combine
 from fp8convert.formats import open_source
 from fp8convert.formats.base import FormatReader
 from fp8convert.normalize import (
@@ -55,6 +55,10 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "fp8convert-report.json"
 TMP_PREFIX = ".fp8convert-tmp-"
 DEFAULT_SHARD_BYTES = 5_000_000_000
+FIX_HINT = (
+    "fix or re-export the checkpoint (README 'Supported formats' lists what converts); if the download is "
+    "partial, download it again"
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,7 +139,11 @@ def check_output(source: Path, out: Path, overwrite: bool) -> None:
             hint="choose an output directory that does not contain the source",
         )
     if dst.exists() and not dst.is_dir():
-        raise OutputError("the output path exists and is not a directory", where=str(out))
+        raise OutputError(
+            "the output path exists and is not a directory",
+            where=str(out),
+            hint="choose a directory path (it is created if missing)",
+        )
     if dst.is_dir():
         leftovers = [p for p in dst.iterdir() if not p.name.startswith(TMP_PREFIX)]
         if leftovers and not overwrite:
@@ -282,17 +290,12 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
     src, dst = Path(source).resolve(), Path(out).resolve()
     check_output(src, dst, options.overwrite)
     ckpt, config, reader, plan = open_source(src, options.format)
-    problems = target_problems(config, plan, options)
+    problems: list[CheckpointError | str] = [*plan.problems, *target_problems(config, plan, options)]
     total = sum(lin.weight.nbytes for lin in plan.linears)
     with _bar(options, "Validate", total) as bar:
         problems += validate_values(ckpt, reader, plan, bar.update)
     if problems:
-        raise CheckpointError(
-            f"{len(problems)} problem(s) found; nothing was written",
-            where=str(src),
-            problems=problems,
-            hint="fix the listed tensors or options and run again",
-        )
+        raise combine(problems, where=str(src), hint=FIX_HINT)
     target = choose_target(plan.linears)
     producer = _Producer(ckpt, reader, target)
     outs, fake, passthrough = _plan_outputs(ckpt, plan, producer, options)
@@ -424,6 +427,8 @@ def inspect_checkpoint(
 ) -> dict:
     """Layout, evidence, per-linear scheme, and what conversion would do (headers only)."""
     ckpt, config, _reader, plan = open_source(source, fmt)
+    if plan.problems:
+        raise combine(list(plan.problems), where=str(source), hint=FIX_HINT)
     target = choose_target(plan.linears)
     options = ConvertOptions(targets=targets)
     linears = []

@@ -55,7 +55,11 @@ def read_json(path: Path, *, what: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise CheckpointError(f"{what} not found", where=str(path)) from exc
+        raise CheckpointError(
+            f"{what} not found",
+            where=str(path),
+            hint="point at a checkpoint directory that has it; if the download is partial, download it again",
+        ) from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(
             f"{what} is not valid JSON ({exc})",
@@ -123,9 +127,15 @@ def parse_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str], int,
             key=key, file=name, dtype=dtype, shape=shape, nbytes=expected, offset=data_start + begin
         )
     spans.sort()
-    for (_, e1, k1), (b2, _, k2) in zip(spans, spans[1:], strict=False):
-        if b2 < e1:
-            problems.append(f"{name}: tensors {k1} and {k2} overlap in the data section")
+    end, last = 0, ""
+    for begin, stop, key in spans:
+        if begin < end:
+            problems.append(f"{name}: tensors {last} and {key} overlap in the data section")
+        elif begin > end:
+            problems.append(f"{name}: {begin - end} unused bytes before tensor {key} (the format allows no gaps)")
+        end, last = max(end, stop), key
+    if spans and end < data_len and not problems:
+        problems.append(f"{name}: {data_len - end} trailing bytes after the last tensor (the format allows none)")
     return tensors, {str(k): str(v) for k, v in meta.items()}, data_start, problems
 
 

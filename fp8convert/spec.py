@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fp8convert.errors import UnsupportedSchemeError
+from fp8convert.errors import CheckpointError, UnsupportedSchemeError
 
 #: The per-module fake-quant plan written next to the CPU variant's tensors.
 CPU_PLAN_NAME = "fp8convert.json"
@@ -200,4 +200,5 @@ class CheckpointPlan:
     passthrough: list[TensorRef] = field(default_factory=list)  # copied unchanged (embeddings, norms, ...)
     dropped: dict[str, str] = field(default_factory=dict)  # key -> reason
     unquantized_linears: list[str] = field(default_factory=list)  # modules with a bf16 [out,in] weight
+    problems: list[CheckpointError] = field(default_factory=list)  # per-tensor problems, reported with the rest
     model_dtype: torch.dtype = torch.bfloat16

@@ -14,7 +14,7 @@ from collections import Counter
 
 import torch
 
-from fp8convert.errors import MissingTensorError, UnsupportedSchemeError
+from fp8convert.errors import CheckpointError, MissingTensorError, UnsupportedSchemeError
 from fp8convert.formats import register
 from fp8convert.formats.base import Detection
 from fp8convert.shards import Checkpoint
@@ -100,7 +100,7 @@ class CompressedTensorsReader:
     def plan(self, ckpt: Checkpoint, config: dict, detection: Detection) -> CheckpointPlan:
         qc, where = quant_config(config)
         assert qc is not None
-        problems: list[str] = []
+        problems: list[str | CheckpointError] = []
         groups = self._groups(qc, where)
         ignore = [str(e) for e in (qc.get("ignore") or [])]
         tensors = ckpt.tensors
@@ -153,16 +153,19 @@ class CompressedTensorsReader:
                     f"{module}.weight ({w.file}) is fp8 but the module is in the ignore list "
                     "(config and tensors disagree)"
                 )
+                claimed.update(f"{module}.{suffix}" for suffix in parts)
                 continue
             group = self._group_for(module, groups)
             if group is None:
                 problems.append(f"{module}.weight ({w.file}) is fp8 but no config group targets it")
+                claimed.update(f"{module}.{suffix}" for suffix in parts)
                 continue
             gname, wargs, aargs = group
             try:
                 linear = self._linear(module, parts, wargs, aargs, gname)
             except (UnsupportedSchemeError, MissingTensorError) as exc:
-                problems.append(exc.message)
+                problems.append(exc)
+                claimed.update(f"{module}.{suffix}" for suffix in parts)  # reported once, as this linear
                 continue
             for suffix in ZERO_POINT_SUFFIXES:
                 if suffix in parts:
@@ -180,14 +183,7 @@ class CompressedTensorsReader:
             elif ref.dtype in FP8_DTYPES:
                 problems.append(f"{key} ({ref.file}): fp8 tensor that is not a linear weight")
         passthrough = [ref for key, ref in sorted(tensors.items()) if key not in claimed]
-        if problems:
-            raise UnsupportedSchemeError(
-                f"{len(problems)} problem(s) in this compressed-tensors checkpoint",
-                where=str(ckpt.root),
-                problems=problems,
-                hint="fix or re-export the checkpoint; see README 'Supported formats'",
-            )
-        if not linears:
+        if not linears and not problems:
             raise MissingTensorError(
                 "config declares compressed-tensors quantization but no fp8 weight was found",
                 where=str(ckpt.root),
@@ -202,6 +198,7 @@ class CompressedTensorsReader:
             passthrough=passthrough,
             dropped=dropped,
             unquantized_linears=unquantized,
+            problems=[p if isinstance(p, CheckpointError) else UnsupportedSchemeError(p) for p in problems],
         )
 
     @staticmethod

@@ -359,6 +359,11 @@ def build_report(
     layers = {m: records[m] for m in sorted(records, key=natural_key)}
     lossy = [f"{m}: {'; '.join(map(str, r['actions']))}" for m, r in layers.items() if not r["exact"]]  # type: ignore[call-overload]
     lossy += [f"{k}: {v}" for k, v in passthrough.items() if v != "copied"]
+    if plan.kv_scales:
+        lossy.append(
+            f"{len(plan.kv_scales)} KV-cache scale(s) dropped: the AIU stack uses KV scale 1.0 (listed under "
+            "kv_cache_scales)"
+        )
     sqnrs = [r["sqnr_db"] for r in layers.values() if isinstance(r["sqnr_db"], float)]
     files: dict[str, dict[str, object]] = {}
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):

@@ -341,8 +341,8 @@ def check_written(path: Path, tensors: list[OutTensor]) -> None:
 
 def write_sharded(
     directory: Path, tensors: list[OutTensor], *, max_shard_bytes: int, on_bytes: Callable[[int], None] | None = None
-) -> list[str]:
-    """Write ``model-0000i-of-0000n.safetensors`` + the index into ``directory``; return the file names."""
+) -> dict[str, str]:
+    """Write ``model-0000i-of-0000n.safetensors`` + the index into ``directory``; return shard -> sha256."""
     shards = plan_shards(tensors, max_shard_bytes)
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]

@@ -69,7 +69,11 @@ def verify(
     aiu_dir, cpu_dir = out / "aiu", out / "cpu"
     tensors_dir = aiu_dir if aiu_dir.is_dir() else cpu_dir
     ckpt = Checkpoint(tensors_dir)
-    checks.add("safetensors headers", not ckpt.problems, "; ".join(ckpt.problems))
+    checks.add(
+        "safetensors headers",
+        not ckpt.problems,
+        "; ".join(ckpt.problems) or f"{len(ckpt.files)} shard(s), {len(ckpt.tensors)} tensors",
+    )
     if aiu_dir.is_dir():
         _check_aiu_structure(aiu_dir, ckpt, report, checks)
     if cpu_dir.is_dir():
@@ -117,7 +121,8 @@ def _check_aiu_structure(aiu_dir: Path, ckpt: Checkpoint, report: dict, checks: 
     from fp8convert.writers import aiu
 
     config = read_json(aiu_dir / "config.json", what="config.json")
-    checks.add("AIU architecture", not aiu.architecture_problems(config), "; ".join(aiu.architecture_problems(config)))
+    arch = aiu.architecture_problems(config)
+    checks.add("AIU architecture", not arch, "; ".join(arch) or f"{(config.get('architectures') or ['?'])[0]}")
     gran, act = Granularity(report["target"]["weights"]), ActScheme(report["target"]["activations"])
     want = aiu.quantization_config(gran, act)
     checks.add(
@@ -126,7 +131,7 @@ def _check_aiu_structure(aiu_dir: Path, ckpt: Checkpoint, report: dict, checks: 
         "differs from the AIU spec block" if config.get("quantization_config") != want else "matches the spec",
     )
     dtype_ok = all(config.get(k) == "bfloat16" for k in ("torch_dtype", "dtype") if k in config)
-    checks.add("AIU dtype", dtype_ok, "torch_dtype/dtype must be bfloat16")
+    checks.add("AIU dtype", dtype_ok, "bfloat16" if dtype_ok else "torch_dtype/dtype must be bfloat16")
     problems, warnings = [], []
     modules = {k.rsplit(".", 1)[0] for k in ckpt.tensors if k.endswith(".weight_scale")}
     for key, ref in ckpt.tensors.items():
@@ -217,11 +222,17 @@ def _check_numbers(src: Path, ckpt: Checkpoint, report: dict, checks: _Checks, f
 
 
 def _fms_available() -> bool:
-    try:
-        import fms.models  # noqa: F401
-        import fms_mo.aiu_addons.fp8.fp8_linear  # noqa: F401
-    except Exception:  # any import failure means the extra is unusable
-        return False
+    """Import IBM's loader quietly (fms-mo warns that it overrides aten::_scaled_mm; torchao about triton)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+        try:
+            import fms.models  # noqa: F401
+            import fms_mo.aiu_addons.fp8.fp8_linear  # noqa: F401
+        except Exception:  # any import failure means the extra is unusable
+            return False
     return True
 
 
@@ -278,10 +289,10 @@ def fms_linear_check(model: Any, *, seed: int = 0) -> tuple[int, list[str]]:
 def _check_fms(aiu_dir: Path, checks: _Checks) -> None:
     import warnings
 
-    from fms.models import get_model
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        from fms.models import get_model
+
         try:
             model = get_model(
                 "hf_pretrained", model_path=str(aiu_dir), device_type="cpu", data_type=None, fused_weights=False

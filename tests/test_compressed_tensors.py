@@ -274,3 +274,33 @@ def test_cpu_variant_is_hardlinked(make_ct, tmp_path: Path) -> None:
     for shard in (tmp_path / "out" / "aiu").glob("*.safetensors"):
         assert shard.stat().st_ino == (tmp_path / "out" / "cpu" / shard.name).stat().st_ino
     assert set(report["cpu_links"].values()) == {"hardlink"}
+
+
+@pytest.mark.parametrize("spelling", ["compression_config", "sparseml", "text_config"])
+def test_legacy_and_nested_config_spellings(make_ct, tmp_path: Path, spelling: str) -> None:
+    """Pre-2024-09 `compression_config`, pre-2024-06 `quant_method: sparseml`, and a multimodal
+    `text_config.quantization_config` are read like the current spelling (same tensors)."""
+    src = make_ct("FP8_DYNAMIC", hidden=64, intermediate=128, vocab=64)
+    config = json.loads((src / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    if spelling == "compression_config":
+        config["compression_config"] = qc
+    elif spelling == "sparseml":
+        config["quantization_config"] = {**qc, "quant_method": "sparseml"}
+    else:
+        config["text_config"] = {"quantization_config": qc}
+    (src / "config.json").write_text(json.dumps(config))
+    r = inspect_checkpoint(src)
+    assert r["format"] == "compressed-tensors" and len(r["linears"]) == 14
+    report = convert(src, tmp_path / "out")
+    out_config = json.loads((tmp_path / "out" / "aiu" / "config.json").read_text())
+    assert "compression_config" not in out_config
+    assert out_config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert report["summary"]["exact"] == 14
+
+
+def test_kv_scale_drop_is_a_reported_lossy_step(make_ct, tmp_path: Path) -> None:
+    report = convert(make_ct("FP8", hidden=64, intermediate=128, vocab=64, kv_cache="tensor"), tmp_path / "out")
+    assert report["lossy_steps"] == [
+        "4 KV-cache scale(s) dropped: the AIU stack uses KV scale 1.0 (listed under kv_cache_scales)"
+    ]

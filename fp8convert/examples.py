@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,53 +99,61 @@ def quantization_config(scheme: str, *, kv_cache: str | None = None, ignore: lis
     }
 
 
-def model_config(
-    arch: str,
-    *,
-    hidden: int,
-    intermediate: int,
-    layers: int,
-    heads: int,
-    kv_heads: int,
-    vocab: int,
-    bias: bool,
-    tie: bool,
-) -> dict:
-    config: dict[str, object] = {
-        "architectures": ["GraniteForCausalLM" if arch == "granite" else "LlamaForCausalLM"],
-        "attention_bias": bias,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "dtype": "bfloat16",
-        "eos_token_id": 2,
-        "head_dim": hidden // heads,
-        "hidden_act": "silu",
-        "hidden_size": hidden,
-        "initializer_range": 0.02,
-        "intermediate_size": intermediate,
-        "max_position_embeddings": 256,
-        "mlp_bias": bias,
-        "model_type": arch,
-        "num_attention_heads": heads,
-        "num_hidden_layers": layers,
-        "num_key_value_heads": kv_heads,
-        "pad_token_id": 0,
-        "rms_norm_eps": 1e-6,
-        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-        "tie_word_embeddings": tie,
-        "use_cache": True,
-        "vocab_size": vocab,
-    }
-    if arch == "granite":
-        config.update(
-            {
-                "attention_multiplier": 0.015625,
-                "embedding_multiplier": 12.0,
-                "logits_scaling": 8.0,
-                "residual_multiplier": 0.22,
-            }
-        )
-    return config
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TinyModel:
+    """Architecture and sizes of a tiny test model (bf16; tie defaults to True for Granite)."""
+
+    arch: str = "llama"
+    hidden: int = 256
+    intermediate: int = 512
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vocab: int = 512
+    bias: bool = False
+    tie: bool | None = None
+
+    @property
+    def tied(self) -> bool:
+        return (self.arch == "granite") if self.tie is None else self.tie
+
+    def config(self) -> dict:
+        """config.json of the model (transformers 5 keys), without quantization_config."""
+        config: dict[str, object] = {
+            "architectures": ["GraniteForCausalLM" if self.arch == "granite" else "LlamaForCausalLM"],
+            "attention_bias": self.bias,
+            "attention_dropout": 0.0,
+            "bos_token_id": 1,
+            "dtype": "bfloat16",
+            "eos_token_id": 2,
+            "head_dim": self.hidden // self.heads,
+            "hidden_act": "silu",
+            "hidden_size": self.hidden,
+            "initializer_range": 0.02,
+            "intermediate_size": self.intermediate,
+            "max_position_embeddings": 256,
+            "mlp_bias": self.bias,
+            "model_type": self.arch,
+            "num_attention_heads": self.heads,
+            "num_hidden_layers": self.layers,
+            "num_key_value_heads": self.kv_heads,
+            "pad_token_id": 0,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+            "tie_word_embeddings": self.tied,
+            "use_cache": True,
+            "vocab_size": self.vocab,
+        }
+        if self.arch == "granite":
+            config.update(
+                {
+                    "attention_multiplier": 0.015625,
+                    "embedding_multiplier": 12.0,
+                    "logits_scaling": 8.0,
+                    "residual_multiplier": 0.22,
+                }
+            )
+        return config
 
 
 def _weight_scale(w: torch.Tensor, strategy: str, scale_dtype: torch.dtype) -> torch.Tensor:
@@ -184,24 +194,17 @@ def _linear_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int) ->
 def build_tensors(
     *,
     scheme: str,
-    arch: str = "llama",
-    hidden: int = 256,
-    intermediate: int = 512,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    vocab: int = 512,
-    bias: bool = False,
-    tie: bool | None = None,
     kv_cache: str | None = None,
     scale_dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     legacy_kv_names: bool = False,
     unquantized: tuple[str, ...] = (),
+    **dims: Any,
 ) -> dict[str, torch.Tensor]:
     """All tensors of a tiny seeded FP8 checkpoint (bf16 model, fp8 linears), by HF name."""
+    m = TinyModel(**dims)
+    hidden, intermediate, heads, kv_heads, vocab = m.hidden, m.intermediate, m.heads, m.kv_heads, m.vocab
     g = torch.Generator().manual_seed(seed)
-    tie = (arch == "granite") if tie is None else tie
     w_strategy, acts, _ = SCHEMES[scheme]
 
     def randn(*shape: int, std: float = 0.02) -> torch.Tensor:
@@ -211,9 +214,9 @@ def build_tensors(
         "model.embed_tokens.weight": randn(vocab, hidden, std=1.0),
         "model.norm.weight": (1 + randn(hidden, std=0.1)).to(torch.bfloat16),
     }
-    if not tie:
+    if not m.tied:
         t["lm_head.weight"] = randn(vocab, hidden)
-    for i in range(layers):
+    for i in range(m.layers):
         p = f"model.layers.{i}."
         t[p + "input_layernorm.weight"] = (1 + randn(hidden, std=0.1)).to(torch.bfloat16)
         t[p + "post_attention_layernorm.weight"] = (1 + randn(hidden, std=0.1)).to(torch.bfloat16)
@@ -222,7 +225,7 @@ def build_tensors(
             w = randn(out_f, in_f)
             w[0, 0] = 0.2  # an outlier, so scales differ visibly between rows and blocks
             mod = p + name
-            if bias:
+            if m.bias:
                 t[mod + ".bias"] = randn(out_f)
             if f"{i}.{name}" in unquantized or mod in unquantized:
                 t[mod + ".weight"] = w
@@ -277,53 +280,18 @@ def build_compressed_tensors(
     path: str | Path,
     *,
     scheme: str = "FP8_DYNAMIC",
-    arch: str = "llama",
-    hidden: int = 256,
-    intermediate: int = 512,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    vocab: int = 512,
-    bias: bool = False,
-    tie: bool | None = None,
-    kv_cache: str | None = None,
-    scale_dtype: torch.dtype = torch.bfloat16,
-    seed: int = 0,
     shards: int = 1,
-    legacy_kv_names: bool = False,
     ignore: list[str] | None = None,
-    unquantized: tuple[str, ...] = (),
+    kv_cache: str | None = None,
+    **kwargs: Any,
 ) -> Path:
-    """Write a tiny seeded compressed-tensors FP8 checkpoint; returns its directory."""
-    tie = (arch == "granite") if tie is None else tie
-    tensors = build_tensors(
-        scheme=scheme,
-        arch=arch,
-        hidden=hidden,
-        intermediate=intermediate,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv_heads,
-        vocab=vocab,
-        bias=bias,
-        tie=tie,
-        kv_cache=kv_cache,
-        scale_dtype=scale_dtype,
-        seed=seed,
-        legacy_kv_names=legacy_kv_names,
-        unquantized=unquantized,
-    )
-    config = model_config(
-        arch,
-        hidden=hidden,
-        intermediate=intermediate,
-        layers=layers,
-        heads=heads,
-        kv_heads=kv_heads,
-        vocab=vocab,
-        bias=bias,
-        tie=tie,
-    )
+    """Write a tiny seeded compressed-tensors FP8 checkpoint; returns its directory.
+
+    ``kwargs``: the fields of ``TinyModel`` and the options of ``build_tensors``.
+    """
+    dims = {k: kwargs.pop(k) for k in list(kwargs) if k in TinyModel.__dataclass_fields__}
+    tensors = build_tensors(scheme=scheme, kv_cache=kv_cache, **dims, **kwargs)
+    config = TinyModel(**dims).config()
     config["quantization_config"] = quantization_config(scheme, kv_cache=kv_cache, ignore=ignore)
     return write_checkpoint(Path(path), tensors, config, shards=shards)
 

@@ -182,7 +182,7 @@ class KVScale:
     """A KV-cache scale found in the source: attention module, which cache, values (fp32)."""
 
     module: str  # e.g. model.layers.0.self_attn
-    kind: str  # "k" | "v" | "kv"
+    kind: str  # "k" | "v" | "q"
     key: str  # source tensor name
     shape: tuple[int, ...]
     dtype: str

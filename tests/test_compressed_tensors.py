@@ -13,7 +13,7 @@ from safetensors import safe_open
 from tolerances import E4M3_REL, REQUANT_SQNR_FLOOR_DB
 
 from fp8convert.errors import UnsupportedSchemeError
-from fp8convert.examples import build_tensors, model_config, quantization_config
+from fp8convert.examples import TinyModel, build_tensors, quantization_config
 from fp8convert.formats import open_source
 from fp8convert.numerics import dequantize, dequantize_linear
 from fp8convert.pipeline import ConvertOptions, convert, inspect_checkpoint
@@ -47,9 +47,7 @@ def test_fixture_reproduces_llm_compressor(name: str) -> None:
 
 
 def test_fixture_config_has_the_architecture_keys() -> None:
-    config = model_config(
-        "granite", hidden=256, intermediate=512, layers=2, heads=4, kv_heads=2, vocab=512, bias=False, tie=True
-    )
+    config = TinyModel(arch="granite").config()
     assert config["architectures"] == ["GraniteForCausalLM"] and config["tie_word_embeddings"] is True
 
 
@@ -237,9 +235,7 @@ def test_quantized_lm_head_is_dequantized(make_ct, tmp_path: Path) -> None:
     scale = (w.abs().amax(1, keepdim=True) / 448).to(torch.bfloat16)
     tensors["lm_head.weight"] = (w / scale.float()).clamp(-448, 448).to(torch.float8_e4m3fn)
     tensors["lm_head.weight_scale"] = scale
-    config = model_config(
-        "llama", hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=64, bias=False, tie=False
-    )
+    config = TinyModel(hidden=64, intermediate=128, vocab=64).config()
     config["quantization_config"] = quantization_config("FP8_DYNAMIC", ignore=[])
     src = write_checkpoint(tmp_path / "src", tensors, config)
     report = convert(src, tmp_path / "out")

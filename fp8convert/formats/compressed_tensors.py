@@ -37,6 +37,7 @@ SUPPORTED_FORMATS = ("float-quantized", "naive-quantized")
 SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ZERO_POINT_SUFFIXES = ("weight_zero_point", "input_zero_point", "output_zero_point")
 KV_SUFFIXES = {
+    "self_attn.q_scale": "q",  # attention (query) quantization: not used by the AIU stack either
     "self_attn.k_scale": "k",
     "self_attn.v_scale": "v",
     "self_attn.k_proj.output_scale": "k",

@@ -180,6 +180,7 @@ class _Producer:
             return out
         else:
             norm = normalize_linear(self.reader.read_linear(self.ckpt, lin), self.target)
+            logger.debug("%s: %s", module, "; ".join(norm.actions) or "kept")
         assert norm is not None
         q = norm.linear
         self.records[module] = {"source": _describe(lin) if lin else "bf16 (unquantized)", **norm.record()}

@@ -300,3 +300,18 @@ def test_kv_scale_drop_is_a_reported_lossy_step(make_ct, tmp_path: Path) -> None
     assert report["lossy_steps"] == [
         "4 KV-cache scale(s) dropped: the AIU stack uses KV scale 1.0 (listed under kv_cache_scales)"
     ]
+
+
+def test_dense_format_is_decided_by_the_header(make_ct, tmp_path: Path) -> None:
+    """`format: dense` (sparsity compressor off): fp8 weights with scales convert; a sparse-compressed
+    sparsity_config is refused."""
+    src = make_ct("FP8_DYNAMIC", hidden=64, intermediate=128, vocab=64)
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["format"] = "dense"
+    config["quantization_config"]["config_groups"]["group_0"]["format"] = None
+    (src / "config.json").write_text(json.dumps(config))
+    assert convert(src, tmp_path / "out")["summary"]["exact"] == 14
+    config["quantization_config"]["sparsity_config"] = {"format": "sparse-24-bitmask"}
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedSchemeError, match="sparse-compressed weights are not supported"):
+        inspect_checkpoint(src)

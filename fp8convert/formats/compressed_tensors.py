@@ -218,18 +218,24 @@ class CompressedTensorsReader:
         if status not in (None, "compressed"):
             problems.append(f"quantization_status is {status!r}: only 'compressed' checkpoints store fp8 weights")
         fmt = qc.get("format")
+        sparsity = qc.get("sparsity_config") or {}
+        if isinstance(sparsity, dict) and sparsity.get("format") not in (None, "dense"):
+            problems.append(
+                f"sparsity_config format {sparsity.get('format')!r}: sparse-compressed weights are not supported"
+            )
         groups_cfg = qc.get("config_groups")
         if not isinstance(groups_cfg, dict) or not groups_cfg:
             problems.append(f"{where}.config_groups is missing or empty")
             groups_cfg = {}
         groups = []
         for gname, g in groups_cfg.items():
+            # the group's own format wins (newer compressed-tensors); "dense" means "not compressed by a
+            # sparsity compressor": the header dtypes then decide (fp8 weights + scales, or an error)
             gfmt = g.get("format") or fmt
-            if fmt == "mixed-precision" and gfmt not in SUPPORTED_FORMATS:
-                problems.append(f"group {gname}: format {gfmt!r} is not an FP8 format")
-            elif fmt != "mixed-precision" and fmt not in SUPPORTED_FORMATS:
+            if gfmt not in (*SUPPORTED_FORMATS, "dense"):
                 problems.append(
-                    f"format {fmt!r} is not supported (FP8 checkpoints use {' or '.join(SUPPORTED_FORMATS)})"
+                    f"group {gname}: format {gfmt!r} is not supported (FP8 checkpoints use "
+                    f"{' or '.join(SUPPORTED_FORMATS)})"
                 )
             w = g.get("weights")
             if not isinstance(w, dict):

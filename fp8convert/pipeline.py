@@ -107,7 +107,7 @@ def validate_values(
         if nan := fp8_nan_count(ql.weight):
             problems.append(f"{lin.weight.key} ({lin.weight.file}): {nan} fp8 NaN code(s) in the weight")
         if on_bytes:
-            on_bytes(lin.weight.nbytes)
+            on_bytes(lin.weight_nbytes)
     for kv in plan.kv_scales:
         if found := scale_problems(ckpt.load(kv.key)):
             problems.append(f"{kv.key} ({ckpt.ref(kv.key).file}): {', '.join(found)} KV-cache scale value(s)")
@@ -292,7 +292,7 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
     check_output(src, dst, options.overwrite)
     ckpt, config, reader, plan = open_source(src, options.format)
     problems: list[CheckpointError | str] = [*plan.problems, *target_problems(config, plan, options)]
-    total = sum(lin.weight.nbytes for lin in plan.linears)
+    total = sum(lin.weight_nbytes for lin in plan.linears)
     with _bar(options, "Validate", total) as bar:
         problems += validate_values(ckpt, reader, plan, bar.update)
     if problems:
@@ -451,7 +451,7 @@ def inspect_checkpoint(
             {
                 "module": lin.module,
                 "weight": dtype_name(lin.weight.dtype),
-                "shape": list(lin.weight.shape),
+                "shape": [lin.out_features, lin.in_features],
                 "scheme": lin.scheme.describe(),
                 "scale_dtype": dtype_name(lin.weight_scale.dtype),
                 "activation": str(lin.activation),

@@ -134,7 +134,11 @@ class TensorRef:
 class LinearPlan:
     """One quantized linear as found in the source (headers only, no tensor data).
 
-    ``weight`` is ``[out, in]`` fp8; ``weight_scale`` has the shape ``scheme.scale_shape(out, in)``.
+    ``weight`` is ``[out, in]`` fp8, or a slice of a stored tensor: ``expert`` selects index ``e`` of dim 0
+    of fused ``[E, out, in]`` expert tensors (and of their ``[E, ...]`` scales); ``rows`` selects a row range
+    of the weight (e.g. the gate half of a fused ``gate_up_proj``), with per-channel and block scales sliced
+    alike; ``transposed`` says the stored weight is ``[in, out]``. ``weight_scale`` holds the scales in
+    whatever shape the layout stores; the reader turns them into ``scheme.scale_shape(out, in)``.
     """
 
     module: str
@@ -145,14 +149,27 @@ class LinearPlan:
     input_scale: TensorRef | None = None
     bias: TensorRef | None = None
     act_upper_bound: float | None = None
+    expert: int | None = None
+    rows: tuple[int, int] | None = None
+    transposed: bool = False
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        if self.rows is not None:
+            return self.rows[1] - self.rows[0]
+        return self.weight.shape[-1] if self.transposed else self.weight.shape[-2]
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self.weight.shape[-2] if self.transposed else self.weight.shape[-1]
+
+    @property
+    def weight_nbytes(self) -> int:
+        return self.out_features * self.in_features * self.weight.dtype.itemsize
+
+    @property
+    def is_slice(self) -> bool:
+        return self.expert is not None or self.rows is not None or self.transposed
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -365,7 +365,8 @@ def test_config_without_a_known_quantization_config(small, edit, seen):
         (lambda q, w: w.update(symmetric=False), "group group_0: asymmetric weights (zero points) are not supported"),
         (
             lambda q, w: [q.update(format="pack-quantized"), q["config_groups"]["group_0"].update(format=None)],
-            "group group_0: format 'pack-quantized' is not supported (FP8 checkpoints use float-quantized or naive-quantized)",
+            "group group_0: format 'pack-quantized' is not supported "
+            "(FP8 checkpoints use float-quantized or naive-quantized)",
         ),
         (lambda q, w: q.update(quantization_status="frozen"), "quantization_status is 'frozen': only 'compressed'"),
     ],

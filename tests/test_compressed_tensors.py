@@ -219,9 +219,9 @@ def test_ignore_patterns_and_unquantized_decoder_linears(make_ct, tmp_path: Path
 
 def test_fp8_module_in_ignore_list_is_refused(make_ct) -> None:
     src = make_ct("FP8_DYNAMIC", hidden=64, intermediate=128, vocab=64, ignore=["lm_head", "re:.*q_proj$"])
-    with pytest.raises(UnsupportedSchemeError, match="in the ignore list"):
+    with pytest.raises(UnsupportedSchemeError, match="in the config.s ignore list"):
         inspect_checkpoint(src)
-    with pytest.raises(UnsupportedSchemeError, match="in the ignore list"):
+    with pytest.raises(UnsupportedSchemeError, match="in the config.s ignore list"):
         convert(src, src.parent / "out")
     assert not (src.parent / "out").exists()
 

@@ -9,22 +9,19 @@ naive-quantized. Everything else in the family is refused with a message, never 
 
 from __future__ import annotations
 
-import re
 from collections import Counter
 
 import torch
 
-from fp8convert.errors import CheckpointError, MissingTensorError, UnsupportedSchemeError
+from fp8convert.errors import MissingTensorError, UnsupportedSchemeError
 from fp8convert.formats import register
-from fp8convert.formats.base import Detection
+from fp8convert.formats.base import Detection, LayoutRules, matches, plan_modules, read_linear_default
 from fp8convert.shards import Checkpoint
 from fp8convert.spec import (
     FLOAT_DTYPES,
-    FP8_DTYPES,
     ActScheme,
     CheckpointPlan,
     Granularity,
-    KVScale,
     LinearPlan,
     QuantizedLinear,
     TensorRef,
@@ -65,12 +62,6 @@ def quant_config(config: dict) -> tuple[dict | None, str]:
     return None, ""
 
 
-def _match(name: str, entry: str) -> bool:
-    if entry.startswith("re:"):
-        return re.match(entry[3:], name) is not None
-    return name == entry
-
-
 class CompressedTensorsReader:
     name = NAME
     description = "compressed-tensors / llm-compressor (FP8, FP8_DYNAMIC, FP8_BLOCK, W8A16-FP8)"
@@ -101,115 +92,27 @@ class CompressedTensorsReader:
     def plan(self, ckpt: Checkpoint, config: dict, detection: Detection) -> CheckpointPlan:
         qc, where = quant_config(config)
         assert qc is not None
-        problems: list[str | CheckpointError] = []
         groups = self._groups(qc, where)
         ignore = [str(e) for e in (qc.get("ignore") or [])]
-        tensors = ckpt.tensors
-        modules: dict[str, dict[str, TensorRef]] = {}
-        for key, ref in tensors.items():
-            module, _, suffix = key.rpartition(".")
-            modules.setdefault(module, {})[suffix] = ref
 
-        linears: list[LinearPlan] = []
-        kv_scales: list[KVScale] = []
-        claimed: set[str] = set()
-        dropped: dict[str, str] = {}
-        unquantized: list[str] = []
-
-        for key, kind in self._kv_keys(tensors):
-            ref = tensors[key]
-            if ref.dtype not in SCALE_DTYPES:
-                problems.append(
-                    f"{key} ({ref.file}): KV-cache scale has dtype {dtype_name(ref.dtype)}, expected bf16/f16/f32"
-                )
-            module = key.rsplit(".", 2 if ".k_proj." in key or ".v_proj." in key else 1)[0]
-            kv_scales.append(KVScale(module=module, kind=kind, key=key, shape=ref.shape, dtype=dtype_name(ref.dtype)))
-            claimed.add(key)
-            dropped[key] = "KV-cache scale (the AIU stack does not read it; listed under kv_cache_scales)"
-
-        for module, parts in sorted(modules.items()):
-            w = parts.get("weight")
-            if w is None:
-                continue
-            for suffix, why in FORBIDDEN_SUFFIXES.items():
-                if suffix in parts:
-                    problems.append(f"{module}.{suffix} ({parts[suffix].file}): {why} is not FP8 and not supported")
-            if w.dtype not in FP8_DTYPES:
-                if (
-                    w.dtype in FLOAT_DTYPES
-                    and len(w.shape) == 2
-                    and "embed" not in module
-                    and "weight_scale" not in parts
-                ):
-                    unquantized.append(module)
-                if "weight_scale" in parts:
-                    problems.append(
-                        f"{module}.weight ({w.file}) is {dtype_name(w.dtype)} but has a weight_scale: "
-                        "the weights are not compressed (quantization_status "
-                        f"{qc.get('quantization_status')!r}); export with save_compressed=True"
-                    )
-                continue
-            if any(_match(module, e) for e in ignore):
-                problems.append(
-                    f"{module}.weight ({w.file}) is fp8 but the module is in the ignore list "
-                    "(config and tensors disagree)"
-                )
-                claimed.update(f"{module}.{suffix}" for suffix in parts)
-                continue
+        def linears(module: str, parts: dict[str, TensorRef]) -> list[LinearPlan]:
             group = self._group_for(module, groups)
             if group is None:
-                problems.append(f"{module}.weight ({w.file}) is fp8 but no config group targets it")
-                claimed.update(f"{module}.{suffix}" for suffix in parts)
-                continue
+                raise UnsupportedSchemeError(
+                    f"{module}.weight ({parts['weight'].file}) is fp8 but no config group targets it"
+                )
             gname, wargs, aargs = group
-            try:
-                linear = self._linear(module, parts, wargs, aargs, gname)
-            except (UnsupportedSchemeError, MissingTensorError) as exc:
-                problems.append(exc)
-                claimed.update(f"{module}.{suffix}" for suffix in parts)  # reported once, as this linear
-                continue
-            for suffix in ZERO_POINT_SUFFIXES:
-                if suffix in parts:
-                    dropped[f"{module}.{suffix}"] = "zero point of a symmetric scheme (checked all-zero)"
-                    claimed.add(f"{module}.{suffix}")
-            linears.append(linear)
-            claimed.update(f"{module}.{s}" for s in LINEAR_SUFFIXES if s in parts)
+            return [self._linear(module, parts, wargs, aargs, gname)]
 
-        for key, ref in tensors.items():
-            suffix = key.rsplit(".", 1)[-1]
-            if key in claimed:
-                continue
-            if suffix in ("weight_scale", "input_scale", "output_scale") or suffix.endswith("zero_point"):
-                problems.append(f"{key} ({ref.file}): a quantization parameter whose module has no fp8 weight")
-            elif ref.dtype in FP8_DTYPES:
-                problems.append(f"{key} ({ref.file}): fp8 tensor that is not a linear weight")
-        passthrough = [ref for key, ref in sorted(tensors.items()) if key not in claimed]
-        if not linears and not problems:
-            raise MissingTensorError(
-                "config declares compressed-tensors quantization but no fp8 weight was found",
-                where=str(ckpt.root),
-                hint="check that the safetensors files are the quantized ones",
-            )
-        return CheckpointPlan(
-            format=NAME,
-            evidence=detection.evidence,
-            rule=detection.rule,
+        rules = LayoutRules(
+            quant_suffixes=("weight_scale", "input_scale", "output_scale"),
             linears=linears,
-            kv_scales=kv_scales,
-            passthrough=passthrough,
-            dropped=dropped,
-            unquantized_linears=unquantized,
-            problems=[p if isinstance(p, CheckpointError) else UnsupportedSchemeError(p) for p in problems],
+            ignored=lambda module: matches(module, ignore, style="ct"),
+            kv_suffixes=KV_SUFFIXES,
+            dropped_suffixes=dict.fromkeys(ZERO_POINT_SUFFIXES, "zero point of a symmetric scheme (checked all-zero)"),
+            forbidden_suffixes={k: f"{v} is not FP8 and not supported" for k, v in FORBIDDEN_SUFFIXES.items()},
         )
-
-    @staticmethod
-    def _kv_keys(tensors: dict[str, TensorRef]) -> list[tuple[str, str]]:
-        out = []
-        for key in tensors:
-            for suffix, kind in KV_SUFFIXES.items():
-                if key.endswith("." + suffix):
-                    out.append((key, kind))
-        return out
+        return plan_modules(ckpt, rules, format_name=NAME, detection=detection)
 
     def _groups(self, qc: dict, where: str) -> list[tuple[str, list[str], dict, dict | None]]:
         """Validate the config block; return (name, targets, weights args, input args) per FP8 group."""
@@ -321,7 +224,7 @@ class CompressedTensorsReader:
         """compressed-tensors precedence: exact name, then regex, then class name (only ``Linear`` is known)."""
         for test in (
             lambda t: t == module,
-            lambda t: t.startswith("re:") and _match(module, t),
+            lambda t: t.startswith("re:") and matches(module, [t], style="ct"),
             lambda t: t == "Linear",
         ):
             hits = [(n, w, a) for n, targets, w, a in groups if any(test(t) for t in targets)]
@@ -405,21 +308,7 @@ class CompressedTensorsReader:
 
     # ---- reading -------------------------------------------------------------------------------
     def read_linear(self, ckpt: Checkpoint, linear: LinearPlan) -> QuantizedLinear:
-        out_f, in_f = linear.weight.shape
-        scale = ckpt.load(linear.weight_scale.key).to(torch.float32).reshape(linear.scheme.scale_shape(out_f, in_f))
-        inp = None
-        if linear.input_scale is not None:
-            inp = ckpt.load(linear.input_scale.key).to(torch.float32).reshape(1)
-        return QuantizedLinear(
-            module=linear.module,
-            weight=ckpt.load(linear.weight.key),
-            weight_scale=scale,
-            scheme=linear.scheme,
-            activation=linear.activation,
-            scale_dtype=linear.weight_scale.dtype,
-            input_scale=inp,
-            bias=ckpt.load(linear.bias.key) if linear.bias is not None else None,
-        )
+        return read_linear_default(ckpt, linear)
 
 
 register(CompressedTensorsReader())

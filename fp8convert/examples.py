@@ -99,9 +99,25 @@ def quantization_config(scheme: str, *, kv_cache: str | None = None, ignore: lis
     }
 
 
+#: arch -> (architectures[0], model_type)
+ARCHS = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "granite": ("GraniteForCausalLM", "granite"),
+    "mistral": ("MistralForCausalLM", "mistral"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "mixtral": ("MixtralForCausalLM", "mixtral"),
+}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TinyModel:
-    """Architecture and sizes of a tiny test model (bf16; tie defaults to True for Granite)."""
+    """Architecture and sizes of a tiny test model (bf16; tie defaults to True for Granite).
+
+    MoE archs (``qwen3_moe``, ``mixtral``) have ``experts`` experts of size ``moe_intermediate`` per layer,
+    stored per expert as the Hub checkpoints do (``mlp.experts.{e}.{gate,up,down}_proj`` /
+    ``block_sparse_moe.experts.{e}.w1/w3/w2``) with a bf16 router (``mlp.gate`` / ``block_sparse_moe.gate``).
+    """
 
     arch: str = "llama"
     hidden: int = 256
@@ -112,28 +128,35 @@ class TinyModel:
     vocab: int = 512
     bias: bool = False
     tie: bool | None = None
+    experts: int = 4
+    experts_per_tok: int = 2
+    moe_intermediate: int = 64
 
     @property
     def tied(self) -> bool:
         return (self.arch == "granite") if self.tie is None else self.tie
 
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
     def config(self) -> dict:
         """config.json of the model (transformers 5 keys), without quantization_config."""
+        arch, model_type = ARCHS[self.arch]
         config: dict[str, object] = {
-            "architectures": ["GraniteForCausalLM" if self.arch == "granite" else "LlamaForCausalLM"],
+            "architectures": [arch],
             "attention_bias": self.bias,
             "attention_dropout": 0.0,
             "bos_token_id": 1,
             "dtype": "bfloat16",
             "eos_token_id": 2,
-            "head_dim": self.hidden // self.heads,
+            "head_dim": self.head_dim,
             "hidden_act": "silu",
             "hidden_size": self.hidden,
             "initializer_range": 0.02,
             "intermediate_size": self.intermediate,
             "max_position_embeddings": 256,
-            "mlp_bias": self.bias,
-            "model_type": self.arch,
+            "model_type": model_type,
             "num_attention_heads": self.heads,
             "num_hidden_layers": self.layers,
             "num_key_value_heads": self.kv_heads,
@@ -144,6 +167,8 @@ class TinyModel:
             "use_cache": True,
             "vocab_size": self.vocab,
         }
+        if self.arch in ("llama", "granite"):
+            config["mlp_bias"] = self.bias
         if self.arch == "granite":
             config.update(
                 {
@@ -153,42 +178,122 @@ class TinyModel:
                     "residual_multiplier": 0.22,
                 }
             )
+        if self.arch in ("mistral", "mixtral"):
+            config["sliding_window"] = None
+        if self.arch == "qwen3_moe":
+            config.update(
+                {
+                    "num_experts": self.experts,
+                    "num_experts_per_tok": self.experts_per_tok,
+                    "moe_intermediate_size": self.moe_intermediate,
+                    "decoder_sparse_step": 1,
+                    "mlp_only_layers": [],
+                    "norm_topk_prob": True,
+                }
+            )
+        if self.arch == "mixtral":
+            config.update(
+                {
+                    "num_local_experts": self.experts,
+                    "num_experts_per_tok": self.experts_per_tok,
+                    "intermediate_size": self.moe_intermediate,
+                }
+            )
         return config
 
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """Every linear of one decoder layer, by name within the layer: ``(out, in)``."""
+        h, kv = self.hidden, self.kv_heads * self.head_dim
+        shapes = {
+            "self_attn.q_proj": (h, h),
+            "self_attn.k_proj": (kv, h),
+            "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, h),
+        }
+        if self.arch == "qwen3_moe":
+            for e in range(self.experts):
+                m = self.moe_intermediate
+                shapes |= {
+                    f"mlp.experts.{e}.gate_proj": (m, h),
+                    f"mlp.experts.{e}.up_proj": (m, h),
+                    f"mlp.experts.{e}.down_proj": (h, m),
+                }
+        elif self.arch == "mixtral":
+            for e in range(self.experts):
+                m = self.moe_intermediate
+                shapes |= {
+                    f"block_sparse_moe.experts.{e}.w1": (m, h),
+                    f"block_sparse_moe.experts.{e}.w3": (m, h),
+                    f"block_sparse_moe.experts.{e}.w2": (h, m),
+                }
+        else:
+            i = self.intermediate
+            shapes |= {"mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+        return shapes
 
-def _weight_scale(w: torch.Tensor, strategy: str, scale_dtype: torch.dtype) -> torch.Tensor:
-    """amax / 448 in fp32, stored in ``scale_dtype`` (the observed dtype, as compressed-tensors does)."""
+    def router(self) -> str | None:
+        return {"qwen3_moe": "mlp.gate", "mixtral": "block_sparse_moe.gate"}.get(self.arch)
+
+
+def dense_tensors(model: TinyModel, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every tensor of the model in bf16 (linears unquantized), seeded; linear weights carry an outlier."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    def norm(n: int) -> torch.Tensor:
+        return (1 + randn(n, std=0.1)).to(torch.bfloat16)
+
+    m = model
+    t: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": randn(m.vocab, m.hidden, std=1.0),
+        "model.norm.weight": norm(m.hidden),
+    }
+    if not m.tied:
+        t["lm_head.weight"] = randn(m.vocab, m.hidden)
+    for i in range(m.layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = norm(m.hidden)
+        t[p + "post_attention_layernorm.weight"] = norm(m.hidden)
+        if m.arch in ("qwen3", "qwen3_moe"):
+            t[p + "self_attn.q_norm.weight"] = norm(m.head_dim)
+            t[p + "self_attn.k_norm.weight"] = norm(m.head_dim)
+        if (router := m.router()) is not None:
+            t[p + router + ".weight"] = randn(m.experts, m.hidden)
+        for name, (out_f, in_f) in m.linear_shapes().items():
+            w = randn(out_f, in_f)
+            w[0, 0] = 0.2  # an outlier, so scales differ visibly between rows and blocks
+            t[p + name + ".weight"] = w
+            if m.bias and (name.startswith("self_attn") or m.arch in ("llama", "granite")):
+                t[p + name + ".bias"] = randn(out_f)
+    return t
+
+
+def weight_scale(w: torch.Tensor, strategy: str, scale_dtype: torch.dtype, block: int = 128) -> torch.Tensor:
+    """Dequantization scale amax / 448: ``[1]`` (tensor), ``[out, 1]`` (channel) or the zero-padded
+    ``[ceil(out/block), ceil(in/block)]`` grid (block), computed in fp32 and stored in ``scale_dtype``."""
     out_f, in_f = w.shape
     w32 = w.float().abs()
     if strategy == "tensor":
         amax = w32.amax().reshape(1)
     elif strategy == "channel":
         amax = w32.amax(dim=1, keepdim=True)
-    else:  # block 128x128, zero-padded edges
-        pad = torch.zeros(-(-out_f // 128) * 128, -(-in_f // 128) * 128)
+    else:
+        pad = torch.zeros(-(-out_f // block) * block, -(-in_f // block) * block)
         pad[:out_f, :in_f] = w32
-        amax = pad.reshape(pad.shape[0] // 128, 128, pad.shape[1] // 128, 128).amax(dim=(1, 3))
+        amax = pad.reshape(pad.shape[0] // block, block, pad.shape[1] // block, block).amax(dim=(1, 3))
     return (amax / E4M3_MAX).clamp(min=1e-12).to(scale_dtype)
 
 
-def _quantize(w: torch.Tensor, scale: torch.Tensor, strategy: str) -> torch.Tensor:
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor, strategy: str, block: int = 128) -> torch.Tensor:
+    """e4m3fn codes of ``w / scale`` (scale broadcast per tensor, row, or block tile)."""
     s = scale.float()
     if strategy == "block":
-        s = s.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
-    return torch.clamp(w.float() / s, -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
-def _linear_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int) -> dict[str, tuple[int, int]]:
-    hd = hidden // heads
-    return {
-        "self_attn.q_proj": (hidden, hidden),
-        "self_attn.k_proj": (kv_heads * hd, hidden),
-        "self_attn.v_proj": (kv_heads * hd, hidden),
-        "self_attn.o_proj": (hidden, hidden),
-        "mlp.gate_proj": (intermediate, hidden),
-        "mlp.up_proj": (intermediate, hidden),
-        "mlp.down_proj": (hidden, intermediate),
-    }
+        s = s.repeat_interleave(block, 0)[: w.shape[0]].repeat_interleave(block, 1)[:, : w.shape[1]]
+    return torch.clamp(
+        w.float() / s.reshape(-1, 1) if strategy == "channel" else w.float() / s, -E4M3_MAX, E4M3_MAX
+    ).to(torch.float8_e4m3fn)
 
 
 def build_tensors(
@@ -201,51 +306,39 @@ def build_tensors(
     unquantized: tuple[str, ...] = (),
     **dims: Any,
 ) -> dict[str, torch.Tensor]:
-    """All tensors of a tiny seeded FP8 checkpoint (bf16 model, fp8 linears), by HF name."""
+    """All tensors of a tiny seeded compressed-tensors checkpoint (bf16 model, fp8 linears), by HF name.
+
+    ``unquantized``: linears left in bf16, as ``"{layer}.{name}"`` (``"0.mlp.down_proj"``) or full names.
+    """
     m = TinyModel(**dims)
-    hidden, intermediate, heads, kv_heads, vocab = m.hidden, m.intermediate, m.heads, m.kv_heads, m.vocab
-    g = torch.Generator().manual_seed(seed)
+    t = dense_tensors(m, seed)
+    g = torch.Generator().manual_seed(seed + 1)
     w_strategy, acts, _ = SCHEMES[scheme]
-
-    def randn(*shape: int, std: float = 0.02) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
-
-    t: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": randn(vocab, hidden, std=1.0),
-        "model.norm.weight": (1 + randn(hidden, std=0.1)).to(torch.bfloat16),
+    share_groups = {
+        "self_attn.q_proj": "qkv",
+        "self_attn.k_proj": "qkv",
+        "self_attn.v_proj": "qkv",
+        "mlp.gate_proj": "gu",
+        "mlp.up_proj": "gu",
     }
-    if not m.tied:
-        t["lm_head.weight"] = randn(vocab, hidden)
     for i in range(m.layers):
         p = f"model.layers.{i}."
-        t[p + "input_layernorm.weight"] = (1 + randn(hidden, std=0.1)).to(torch.bfloat16)
-        t[p + "post_attention_layernorm.weight"] = (1 + randn(hidden, std=0.1)).to(torch.bfloat16)
         shared_input: dict[str, torch.Tensor] = {}
-        for name, (out_f, in_f) in _linear_shapes(hidden, intermediate, heads, kv_heads).items():
-            w = randn(out_f, in_f)
-            w[0, 0] = 0.2  # an outlier, so scales differ visibly between rows and blocks
+        for name in m.linear_shapes():
             mod = p + name
-            if m.bias:
-                t[mod + ".bias"] = randn(out_f)
             if f"{i}.{name}" in unquantized or mod in unquantized:
-                t[mod + ".weight"] = w
                 continue
-            scale = _weight_scale(w, w_strategy, scale_dtype)
-            t[mod + ".weight"] = _quantize(w, scale, w_strategy)
+            w = t[mod + ".weight"]
+            scale = weight_scale(w, w_strategy, scale_dtype)
+            t[mod + ".weight"] = quantize_weight(w, scale, w_strategy)
             t[mod + ".weight_scale"] = scale
-            if acts is not None and not acts[1]:
-                share = {
-                    "self_attn.q_proj": "qkv",
-                    "self_attn.k_proj": "qkv",
-                    "self_attn.v_proj": "qkv",
-                    "mlp.gate_proj": "gu",
-                    "mlp.up_proj": "gu",
-                }.get(name, name)
+            if acts is not None and not acts[1]:  # static: q/k/v and gate/up share one observer value
+                share = share_groups.get(name, name)
                 if share not in shared_input:
                     shared_input[share] = (torch.rand(1, generator=g) * 0.01 + 0.001).to(scale_dtype)
                 t[mod + ".input_scale"] = shared_input[share]
         if kv_cache:
-            shape = (kv_heads, 1, 1) if kv_cache == "attn_head" else (1,)
+            shape = (m.kv_heads, 1, 1) if kv_cache == "attn_head" else (1,)
             for kind in ("k", "v"):
                 key = f"{p}self_attn.{kind}_proj.output_scale" if legacy_kv_names else f"{p}self_attn.{kind}_scale"
                 t[key] = (torch.rand(*shape, generator=g) * 0.05 + 0.01).to(scale_dtype)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from tolerances import E4M3_REL, REQUANT_SQNR_FLOOR_DB
 
 from fp8convert.errors import UnsupportedSchemeError
 from fp8convert.examples import TinyModel, build_tensors, quantization_config
@@ -18,6 +17,8 @@ from fp8convert.formats import open_source
 from fp8convert.numerics import dequantize, dequantize_linear
 from fp8convert.pipeline import ConvertOptions, convert, inspect_checkpoint
 from fp8convert.spec import ActScheme, Granularity, Target
+
+from tolerances import E4M3_REL, REQUANT_SQNR_FLOOR_DB
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "llmcompressor_0_14.json").read_text())
 #: real llm-compressor 0.14.0.1 checkpoint (tests/golden) -> the fixture call that must reproduce it

@@ -8,12 +8,13 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import bf16_ulp
 from torch import nn
 
 from fp8convert.errors import CheckpointError
 from fp8convert.fakequant import FakeQuantLinear, quantize_activation, swap_linears
 from fp8convert.spec import ActScheme, Granularity, Numerics
+
+from tolerances import bf16_ulp
 
 CH, TE = Granularity.CHANNEL, Granularity.TENSOR
 TOKEN, DYN_T, STATIC = ActScheme.DYNAMIC_TOKEN, ActScheme.DYNAMIC_TENSOR, ActScheme.STATIC_TENSOR

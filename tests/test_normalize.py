@@ -8,13 +8,14 @@ import math
 
 import pytest
 import torch
-from tolerances import BF16_REL, E4M3_REL, REQUANT_SQNR_FLOOR_DB
 
 from fp8convert import numerics
 from fp8convert.errors import UnsupportedSchemeError
 from fp8convert.normalize import choose_target, dequantize_to_bf16, normalize_linear, quantize_unquantized
 from fp8convert.numerics import E4M3_MAX, bf16_round_up, dequantize, dequantize_linear
 from fp8convert.spec import ActScheme, Granularity, LinearPlan, QuantizedLinear, TensorRef, WeightScheme
+
+from tolerances import BF16_REL, E4M3_REL, REQUANT_SQNR_FLOOR_DB
 
 TENSOR = WeightScheme(granularity=Granularity.TENSOR)
 CHANNEL = WeightScheme(granularity=Granularity.CHANNEL)

@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-from tolerances import E4M3_REL
 
 from fp8convert.numerics import (
     E4M3_MAX,
@@ -27,6 +26,8 @@ from fp8convert.numerics import (
     sqnr_db,
 )
 from fp8convert.spec import Granularity, WeightScheme
+
+from tolerances import E4M3_REL
 
 TENSOR = WeightScheme(granularity=Granularity.TENSOR)
 CHANNEL = WeightScheme(granularity=Granularity.CHANNEL)

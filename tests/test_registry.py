@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fixtures import BUILDERS
 
 from fp8convert.formats import REGISTRY, detect_format
 from fp8convert.pipeline import ConvertOptions, convert
 from fp8convert.shards import Checkpoint
 from fp8convert.spec import Target
+
+from fixtures import BUILDERS
 
 
 def test_every_reader_has_a_fixture_builder() -> None:

@@ -143,9 +143,11 @@ def inspect(source: Path, fmt: str | None, progress: bool) -> tuple[dict, str]:
     return {"command": "inspect", "ok": True, **r}, "\n".join(lines)
 
 
-def _targets(value: str) -> frozenset:
+def _targets(value: str) -> frozenset | None:
     from fp8convert.spec import Target
 
+    if value.strip() == "auto":
+        return None
     try:
         return frozenset(Target(v.strip()) for v in value.split(",") if v.strip())
     except ValueError:
@@ -158,9 +160,10 @@ def _targets(value: str) -> frozenset:
 @click.option(
     "--target",
     "target",
-    default="aiu,cpu",
+    default="auto",
     show_default=True,
-    help="What to write: aiu, cpu, or both (comma-separated).",
+    help="What to write: aiu, cpu, or aiu,cpu. auto: both when the AIU stack can load the architecture "
+    "(Llama, Granite), else cpu alone.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT/aiu, OUT/cpu and the report if OUT is not empty.")
 @click.option(

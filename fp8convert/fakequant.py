@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -267,6 +268,109 @@ def swap_linears(
     return swapped
 
 
+#: per-expert projection name in checkpoints -> its role in a fused transformers experts module
+EXPERT_ROLES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+_EXPERT_MODULE = re.compile(r"^(?P<parent>.+)\.(?P<expert>\d+)\.(?P<proj>[A-Za-z0-9_]+)$")
+
+
+class FakeQuantExperts(nn.Module):
+    """Fake-quant replacement for a transformers >= 5 fused experts module (``gate_up_proj [E, 2I, H]``,
+    ``down_proj [E, H, I]``): one ``FakeQuantLinear`` per expert and projection, named as in the checkpoint
+    (``{e}.gate_proj`` / ``{e}.w1``...), and the same routing loop as transformers'
+    ``forward(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``."""
+
+    def __init__(self, experts: list[dict[str, FakeQuantLinear]], act_fn: nn.Module) -> None:
+        super().__init__()
+        self.num_experts = len(experts)
+        self.act_fn = act_fn
+        self.role = {EXPERT_ROLES[name]: name for name in experts[0]}
+        for e, projections in enumerate(experts):
+            self.add_module(str(e), nn.ModuleDict(projections))
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = F.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        gate, up, down = self.role["gate"], self.role["up"], self.role["down"]
+        for e in hit[:, 0].tolist():
+            top_k_pos, token_idx = torch.where(mask[e])
+            x = hidden_states[token_idx]
+            projections: Any = self.get_submodule(str(e))
+            h = self.act_fn(projections[gate](x)) * projections[up](x)
+            h = projections[down](h) * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, h.to(final.dtype))
+        return final
+
+
+def swap_experts(
+    model: nn.Module,
+    plan: dict[str, Any],
+    *,
+    numerics: Numerics | str = Numerics.FALLBACK,
+    cache_dequantized: bool = False,
+) -> list[str]:
+    """Replace fused experts modules whose per-expert projections are all in ``plan`` by ``FakeQuantExperts``.
+
+    Returns the plan's module names it handled (the rest are ordinary linears for ``swap_linears``).
+    """
+    groups: dict[str, dict[int, dict[str, dict]]] = {}
+    for name, spec in plan["modules"].items():
+        m = _EXPERT_MODULE.match(name)
+        if not m or m["proj"] not in EXPERT_ROLES:
+            continue
+        try:
+            parent = model.get_submodule(m["parent"])
+        except AttributeError:
+            continue
+        if hasattr(parent, "gate_up_proj") and hasattr(parent, "down_proj"):
+            groups.setdefault(m["parent"], {}).setdefault(int(m["expert"]), {})[m["proj"]] = spec
+    handled, problems = [], []
+    for parent_name, experts in groups.items():
+        fused: Any = model.get_submodule(parent_name)
+        n, two_i, hidden = fused.gate_up_proj.shape
+        names = sorted(next(iter(experts.values())), key=lambda p: ("gate", "up", "down").index(EXPERT_ROLES[p]))
+        if (
+            sorted(experts) != list(range(n))
+            or any(sorted(p) != sorted(names) for p in experts.values())
+            or len(names) != 3
+        ):
+            problems.append(f"{parent_name}: the plan does not fake-quantize all {n} experts' gate/up/down")
+            continue
+        device = fused.gate_up_proj.device
+        built = []
+        for e in range(n):
+            projections = {}
+            for proj in names:
+                spec = experts[e][proj]
+                out_f, in_f = (hidden, two_i // 2) if EXPERT_ROLES[proj] == "down" else (two_i // 2, hidden)
+                projections[proj] = FakeQuantLinear(
+                    in_f,
+                    out_f,
+                    bias=bool(spec.get("bias")),
+                    weight_granularity=Granularity(spec["weight"]),
+                    activation=ActScheme(spec["activation"]),
+                    numerics=Numerics(numerics),
+                    cache_dequantized=cache_dequantized,
+                    device=device,
+                )
+                handled.append(f"{parent_name}.{e}.{proj}")
+            built.append(projections)
+        grandparent, _, child = parent_name.rpartition(".")
+        setattr(
+            model.get_submodule(grandparent) if grandparent else model, child, FakeQuantExperts(built, fused.act_fn)
+        )
+    if problems:
+        raise CheckpointError(
+            "fused experts cannot be fake-quantized",
+            problems=problems,
+            hint="every expert's gate, up and down projection must be quantized",
+        )
+    return handled
+
+
 @contextlib.contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Create parameters on the meta device (no memory, no init) but keep buffers (rotary tables) real."""
@@ -283,6 +387,30 @@ def _parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _checkpoint_renames(model_type: str) -> list[tuple[re.Pattern[str], str]]:
+    """The plain renamings transformers applies to checkpoint keys at load (e.g. Mixtral's
+    ``block_sparse_moe.`` -> ``mlp.`` in transformers >= 5), so plan names and keys match the built model.
+    Uses transformers' own table where it has one (an internal API: none on older versions)."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:
+        return []
+    renames = []
+    for op in get_checkpoint_conversion_mapping(model_type) or []:
+        if type(op) is WeightRenaming:
+            sources = op.source_patterns if isinstance(op.source_patterns, list) else [op.source_patterns]
+            targets = op.target_patterns if isinstance(op.target_patterns, list) else [op.target_patterns]
+            renames += [(re.compile(src), targets[0]) for src in sources]
+    return renames
+
+
+def _rename(name: str, renames: list[tuple[re.Pattern[str], str]]) -> str:
+    for pattern, target in renames:
+        name = pattern.sub(target, name)
+    return name
 
 
 def load_cpu_model(
@@ -310,17 +438,22 @@ def load_cpu_model(
         delattr(config, "quantization_config")  # fp8convert does the quantization, not transformers
     with _parameters_on_meta():
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    swap_linears(model, plan, numerics=numerics, cache_dequantized=cache_dequantized)
+    renames = _checkpoint_renames(getattr(config, "model_type", ""))
+    plan = {**plan, "modules": {_rename(k, renames): v for k, v in plan["modules"].items()}}
+    experts = set(swap_experts(model, plan, numerics=numerics, cache_dequantized=cache_dequantized))
+    rest = {**plan, "modules": {k: v for k, v in plan["modules"].items() if k not in experts}}
+    swap_linears(model, rest, numerics=numerics, cache_dequantized=cache_dequantized)
     files = sorted({p.name for p in path.glob("*.safetensors")})
     expected = dict(model.named_parameters()) | dict(model.named_buffers())
     unexpected = []
     for file in files:
         with safe_open(str(path / file), framework="pt") as f:
-            for key in f.keys():
+            for stored in f.keys():
+                key = _rename(stored, renames)
                 if key not in expected:
-                    unexpected.append(key)
+                    unexpected.append(stored)
                     continue
-                _assign(model, key, f.get_tensor(key))
+                _assign(model, key, f.get_tensor(stored))
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

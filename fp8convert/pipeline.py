@@ -4,6 +4,7 @@ atomically -> report. Returns plain dicts (the CLI renders them as text or JSON)
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -63,7 +64,8 @@ FIX_HINT = (
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ConvertOptions:
-    targets: frozenset[Target] = frozenset({Target.AIU, Target.CPU})
+    #: None = auto: aiu + cpu when the AIU stack can load the architecture, else cpu alone (reported)
+    targets: frozenset[Target] | None = None
     overwrite: bool = False
     format: str | None = None
     quantize_unquantized: bool = False
@@ -76,9 +78,19 @@ def _full_precision(linear: LinearPlan) -> bool:
     return linear.module in aiu.FULL_PRECISION_MODULES or linear.module.endswith(".lm_head")
 
 
+def resolve_targets(options: ConvertOptions, config: dict) -> tuple[ConvertOptions, str | None]:
+    """Fill in ``targets`` when auto; returns the options and why the AIU artifact was skipped (or None)."""
+    if options.targets is not None:
+        return options, None
+    why = aiu.architecture_problems(config)
+    if why:
+        return dataclasses.replace(options, targets=frozenset({Target.CPU})), "; ".join(why)
+    return dataclasses.replace(options, targets=frozenset({Target.AIU, Target.CPU})), None
+
+
 def target_problems(config: dict, plan: CheckpointPlan, options: ConvertOptions) -> list[str]:
     """What stops the AIU target (architecture, decoder linears left in full precision)."""
-    if Target.AIU not in options.targets:
+    if options.targets is None or Target.AIU not in options.targets:
         return []
     problems = aiu.architecture_problems(config)
     left = [m for m in plan.unquantized_linears if aiu.DECODER_LINEAR.match(m)]
@@ -253,22 +265,17 @@ def _plan_outputs(
         has_bias = ckpt.has(f"{module}.bias")
         add_linear(None, module, w.shape[0], w.shape[1], has_bias)
         replaced.update({f"{module}.weight", f"{module}.bias"})
+    to_bf16 = Target.AIU in (options.targets or ())
     for ref in plan.passthrough:
         if ref.key in replaced:
             continue
-        if ref.dtype in FLOAT_DTYPES and ref.dtype != torch.bfloat16:
-            passthrough[ref.key] = f"{dtype_name(ref.dtype)} -> bfloat16 (the AIU target is bf16)"
-            outs.append(
-                OutTensor(
-                    ref.key,
-                    torch.bfloat16,
-                    ref.shape,
-                    functools.partial(_cast_bf16, ckpt, ref.key),
-                )
-            )
+        name = plan.rename.get(ref.key, ref.key)
+        if to_bf16 and ref.dtype in FLOAT_DTYPES and ref.dtype != torch.bfloat16:
+            passthrough[name] = f"{dtype_name(ref.dtype)} -> bfloat16 (the AIU target is bf16)"
+            outs.append(OutTensor(name, torch.bfloat16, ref.shape, functools.partial(_cast_bf16, ckpt, ref.key)))
         else:
-            passthrough[ref.key] = "copied"
-            outs.append(OutTensor(ref.key, ref.dtype, ref.shape, functools.partial(ckpt.raw_chunks, ref.key)))
+            passthrough[name] = "copied"
+            outs.append(OutTensor(name, ref.dtype, ref.shape, functools.partial(ckpt.raw_chunks, ref.key)))
     return outs, fake, passthrough
 
 
@@ -290,7 +297,12 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
     """
     src, dst = Path(source).resolve(), Path(out).resolve()
     check_output(src, dst, options.overwrite)
-    ckpt, config, reader, plan = open_source(src, options.format)
+    ckpt, source_config, reader, plan = open_source(src, options.format)
+    config = plan.hf_config or source_config
+    options, aiu_skipped = resolve_targets(options, config)
+    assert options.targets is not None
+    if aiu_skipped:
+        logger.warning("writing the CPU variant only: %s", aiu_skipped)
     problems: list[CheckpointError | str] = [*plan.problems, *target_problems(config, plan, options)]
     total = sum(lin.weight_nbytes for lin in plan.linears)
     with _bar(options, "Validate", total) as bar:
@@ -320,7 +332,10 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
             links = write_cpu_variant(work, tmp / "cpu", cpu_plan(fake))
         elif first is Target.CPU:
             write_json(work / "fp8convert.json", cpu_plan(fake))
-        report = build_report(src, config, plan, options, target, producer.records, passthrough, aux, links, tmp, known)
+        report = build_report(
+            src, source_config, plan, options, target, producer.records, passthrough, aux, links, tmp, known
+        )
+        report["options"]["aiu_skipped"] = aiu_skipped
         write_json(tmp / REPORT_NAME, report)
         for name in [str(t) for t in sorted(options.targets)] + [REPORT_NAME]:
             final = dst / name
@@ -389,7 +404,7 @@ def build_report(
             "quantization_config": config.get("quantization_config") or config.get("compression_config"),
         },
         "options": {
-            "targets": sorted(str(t) for t in options.targets),
+            "targets": sorted(str(t) for t in options.targets or ()),
             "format": options.format,
             "quantize_unquantized": options.quantize_unquantized,
             "max_shard_bytes": options.max_shard_bytes,

@@ -28,6 +28,7 @@ from fp8convert.errors import CheckpointError, MissingTensorError, OutputError
 from fp8convert.spec import DTYPE_TO_ST, ST_TO_DTYPE, TensorRef
 
 INDEX_NAME = "model.safetensors.index.json"
+PICKLE_OR_GGUF = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
 MAX_HEADER_BYTES = 100_000_000
 COPY_CHUNK = 8 << 20
 #: Files copied through unchanged next to the weights (never pickles).
@@ -195,13 +196,21 @@ class Checkpoint:
                 )
             return files
         self.weight_map = None
-        files = sorted((p.name for p in self.root.glob(pattern) if p.is_file()), key=natural_key)
+        found = sorted((p.name for p in self.root.glob(pattern) if p.is_file()), key=natural_key)
+        # Mistral repos ship consolidated*.safetensors (native names) next to the HF files: the HF files win
+        files = [f for f in found if not f.startswith("consolidated")] or found
         if not files:
+            other = sorted(p.name for p in self.root.iterdir() if p.suffix in PICKLE_OR_GGUF)
             raise CheckpointError(
-                "no *.safetensors files found",
+                "no *.safetensors files found"
+                + (
+                    f"; only {', '.join(other[:5])} (pickle or GGUF formats, which fp8convert never reads)"
+                    if other
+                    else ""
+                ),
                 where=str(self.root),
-                hint="fp8convert reads safetensors only (never pickles); point it at a checkpoint "
-                "directory that has them",
+                hint="fp8convert reads safetensors only (never unpickles); use a repo or revision that publishes "
+                "*.safetensors",
             )
         return files
 

@@ -218,4 +218,6 @@ class CheckpointPlan:
     dropped: dict[str, str] = field(default_factory=dict)  # key -> reason
     unquantized_linears: list[str] = field(default_factory=list)  # modules with a bf16 [out,in] weight
     problems: list[CheckpointError] = field(default_factory=list)  # per-tensor problems, reported with the rest
+    hf_config: dict | None = None  # config.json derived by the reader (Mistral native: from params.json)
+    rename: dict[str, str] = field(default_factory=dict)  # source key -> HF output key for pass-through tensors
     model_dtype: torch.dtype = torch.bfloat16

@@ -87,7 +87,8 @@ def detect_format(ckpt: Checkpoint, config: dict, *, forced: str | None = None) 
 def open_source(source: str | Path, fmt: str | None = None) -> tuple[Checkpoint, dict, FormatReader, CheckpointPlan]:
     """Read config and headers, detect the layout, and plan every tensor (no tensor data read)."""
     ckpt = Checkpoint(Path(source))
-    config = ckpt.config()
+    # Mistral-native repos have params.json instead of config.json; their reader derives the config
+    config = {} if not (ckpt.root / "config.json").exists() and (ckpt.root / "params.json").exists() else ckpt.config()
     if ckpt.problems:
         raise CheckpointError(
             f"{len(ckpt.problems)} problem(s) in the safetensors files",

@@ -65,7 +65,7 @@ def architecture_problems(config: dict) -> list[str]:
     if arch not in AIU_ARCHITECTURES:
         return [
             f"architecture {arch!r} is not loadable as FP8 by the AIU stack (ibm-fms + fms-model-optimizer "
-            f"support {', '.join(AIU_ARCHITECTURES)}); use --target cpu for a CPU variant only"
+            f"support {', '.join(AIU_ARCHITECTURES)}); the CPU variant (--target cpu) can still be written"
         ]
     problems = []
     if config.get("model_type") not in (None, AIU_ARCHITECTURES[arch]):

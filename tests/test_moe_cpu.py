@@ -1,0 +1,77 @@
+"""MoE and non-AIU architectures: auto target writes the CPU variant alone; load_cpu_model runs them with
+fused-expert fake-quant modules, and agrees with transformers' own model on the dequantized weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from fp8convert.errors import CheckpointError
+from fp8convert.examples import TinyModel, write_checkpoint
+from fp8convert.fakequant import FakeQuantExperts, FakeQuantLinear, load_cpu_model
+from fp8convert.pipeline import ConvertOptions, convert
+from fp8convert.spec import Target
+
+pytestmark = pytest.mark.cpu_model
+transformers = pytest.importorskip("transformers", reason="the cpu extra (transformers) is part of the test install")
+
+DIMS = {"hidden": 64, "intermediate": 128, "vocab": 64, "experts": 4, "moe_intermediate": 32}
+
+
+def _dequantized_checkpoint(cpu_dir: Path, dst: Path, model: TinyModel) -> Path:
+    """The CPU variant's weights dequantized to bf16 (weight-only), as a plain transformers checkpoint."""
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(cpu_dir.glob("*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith(("weight_scale", "input_scale")):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            s = tensors[key + "_scale"].float()
+            t = (t.float() * (s.reshape(-1, 1) if s.numel() > 1 else s)).to(torch.bfloat16)
+        out[key] = t
+    return write_checkpoint(dst, out, model.config())
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "qwen3", "mistral"])
+def test_non_aiu_architectures_get_the_cpu_variant(make_ct, tmp_path: Path, arch: str) -> None:
+    src = make_ct("FP8_DYNAMIC", arch=arch, **DIMS)
+    report = convert(src, tmp_path / "out")
+    assert not (tmp_path / "out" / "aiu").exists() and (tmp_path / "out" / "cpu").is_dir()
+    assert "not loadable as FP8 by the AIU stack" in report["options"]["aiu_skipped"]
+    model = load_cpu_model(tmp_path / "out" / "cpu")
+    fq = [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    plan = json.loads((tmp_path / "out" / "cpu" / "fp8convert.json").read_text())
+    assert len(fq) == len(plan["modules"])  # names as transformers renames them (Mixtral: block_sparse_moe -> mlp)
+    if arch in ("qwen3_moe", "mixtral"):
+        assert sum(isinstance(m, FakeQuantExperts) for m in model.modules()) == 2
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7, 30, 41]])
+    with torch.inference_mode():
+        got = model(ids).logits.float()
+        dense = _dequantized_checkpoint(tmp_path / "out" / "cpu", tmp_path / "dense", TinyModel(arch=arch, **DIMS))
+        ref = transformers.AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.bfloat16)(ids).logits.float()
+    cos = torch.nn.functional.cosine_similarity(got.reshape(1, -1), ref.reshape(1, -1))
+    # W8A8 vs weight-only bf16 on a random tiny model: a few % relative error (NUMERICS.md), cosine ~0.999
+    assert float(cos) > 0.99, float(cos)
+    assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.75
+
+
+def test_explicit_aiu_target_is_refused_for_moe(make_ct, tmp_path: Path) -> None:
+    src = make_ct("FP8_DYNAMIC", arch="qwen3_moe", **DIMS)
+    with pytest.raises(CheckpointError, match="Qwen3MoeForCausalLM.*not loadable as FP8 by the AIU stack"):
+        convert(src, tmp_path / "out", ConvertOptions(targets=frozenset({Target.AIU})))
+    assert not (tmp_path / "out").exists()
+
+
+def test_router_stays_bf16(make_ct, tmp_path: Path) -> None:
+    src = make_ct("FP8_DYNAMIC", arch="qwen3_moe", ignore=["lm_head", "re:.*mlp.gate$"], **DIMS)
+    report = convert(src, tmp_path / "out")
+    assert report["passthrough"]["model.layers.0.mlp.gate.weight"] == "copied"
+    assert "model.layers.0.mlp.gate" not in report["layers"]
+    assert len(report["layers"]) == 2 * (4 + 3 * 4)

@@ -54,7 +54,14 @@ def _seen(ckpt: Checkpoint, config: dict) -> list[str]:
 
 
 def detect_format(ckpt: Checkpoint, config: dict, *, forced: str | None = None) -> tuple[FormatReader, Detection]:
-    """Find the reader for a checkpoint (or validate the one forced with ``--format``)."""
+    """Find the reader for a checkpoint (or validate the one forced with ``--format``).
+
+    Layouts that are recognised but not converted (adjacent.py) are refused first, even when forced.
+    """
+    from fp8convert.formats.adjacent import refusal
+
+    if (refused := refusal(ckpt, config)) is not None:
+        raise refused
     if forced:
         reader = get(forced)
         det = reader.detect(ckpt, config)

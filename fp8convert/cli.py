@@ -128,8 +128,11 @@ def inspect(source: Path, fmt: str | None, progress: bool) -> tuple[dict, str]:
     lines = [f"{r['source']}", f"  layout:       {r['format']} ({r['rule']})"]
     lines += [f"  evidence:     {e}" for e in r["evidence"]]
     lines.append(f"  architecture: {r['architecture']}")
-    lines.append(f"  AIU target:   weights {r['target']['weights']} + activations {r['target']['activations']}")
-    lines += [f"  AIU problem:  {p}" for p in r["aiu_problems"]]
+    if r["aiu_problems"]:
+        lines += [f"  AIU target:   not possible: {p}" for p in r["aiu_problems"]]
+        lines.append("                (convert writes the CPU variant alone)")
+    else:
+        lines.append(f"  AIU target:   weights {r['target']['weights']} + activations {r['target']['activations']}")
     lines.append(f"  linears ({len(r['linears'])}):")
     for lin in r["linears"]:
         lines.append(
@@ -218,6 +221,8 @@ def convert(
         lines.append(f"  ... {len(report['lossy_steps']) - 10} more in fp8convert-report.json")
     if s["kv_cache_scales_dropped"]:
         lines.append(f"  KV-cache scales dropped: {s['kv_cache_scales_dropped']} (listed in the report)")
+    if report["options"].get("aiu_skipped"):
+        lines.append(f"  AIU artifact not written: {report['options']['aiu_skipped']}")
     lines.append(f"  report: {Path(out) / 'fp8convert-report.json'}")
     return {"command": "convert", "ok": True, "output": str(out), **report}, "\n".join(lines)
 

@@ -207,7 +207,9 @@ def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme])
             actions.append(f"input_scale -> bf16 rounded up (relative change {rel:.2e}; activation numerics change)")
             lossy = True
     if ql.act_upper_bound is not None:
-        actions.append(f"activation scale upper bound {ql.act_upper_bound} dropped (the AIU path has none)")
+        actions.append(f"activation scale upper bound {ql.act_upper_bound} dropped (the AIU path has none; "
+                       "activation numerics change for tokens whose amax exceeds it)")
+        lossy = True
     bias = None
     if ql.bias is not None:
         bias = ql.bias.to(torch.bfloat16)
@@ -243,8 +245,8 @@ def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme])
         actions=actions,
         exact=not lossy and act is ql.activation,
         changed_codes=changed,
-        sqnr_db=None if not lossy else stats.sqnr_db,
-        max_rel_error=None if not lossy else stats.max_rel,
+        sqnr_db=None,  # no weight value changed (only activation handling or the input scale)
+        max_rel_error=None,
     )
 
 

@@ -296,3 +296,13 @@ def test_quantize_unquantized() -> None:
     expected_scale = bf16_round_up(weight.float().abs().amax(1, keepdim=True) / E4M3_MAX)
     expected_scale[3] = 1.0
     assert torch.equal(lin.weight_scale, expected_scale)
+
+
+def test_activation_upper_bound_dropped_is_reported() -> None:
+    import dataclasses
+
+    w = (torch.randn(8, 16, generator=_gen(21)) * 10).to(torch.float8_e4m3fn)
+    src = dataclasses.replace(_ql(w, torch.full((8, 1), 0.01, dtype=torch.bfloat16)), act_upper_bound=1200.0)
+    n = normalize_linear(src, PRIMARY)
+    assert not n.exact and n.sqnr_db is None and n.weight_unchanged
+    assert any("upper bound 1200.0 dropped" in a for a in n.actions)

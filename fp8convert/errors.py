@@ -56,7 +56,9 @@ def combine(problems: list[CheckpointError | str], *, where: str, hint: str) -> 
     """One error listing every problem; its class is the problems' common class, else CheckpointError."""
     kinds = {type(p) if isinstance(p, CheckpointError) else CheckpointError for p in problems}
     cls = kinds.pop() if len(kinds) == 1 else CheckpointError
-    lines = [p.message if isinstance(p, CheckpointError) else p for p in problems]
+    lines = [
+        (p.message + (f" (fix: {p.hint})" if p.hint else "")) if isinstance(p, CheckpointError) else p for p in problems
+    ]
     return cls(f"{len(lines)} problem(s) found; nothing was written", where=where, problems=lines, hint=hint)
 
 

@@ -207,8 +207,10 @@ def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme])
             actions.append(f"input_scale -> bf16 rounded up (relative change {rel:.2e}; activation numerics change)")
             lossy = True
     if ql.act_upper_bound is not None:
-        actions.append(f"activation scale upper bound {ql.act_upper_bound} dropped (the AIU path has none; "
-                       "activation numerics change for tokens whose amax exceeds it)")
+        actions.append(
+            f"activation scale upper bound {ql.act_upper_bound} dropped (the AIU path has none; "
+            "activation numerics change for tokens whose amax exceeds it)"
+        )
         lossy = True
     bias = None
     if ql.bias is not None:

@@ -332,9 +332,7 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
             links = write_cpu_variant(work, tmp / "cpu", cpu_plan(fake))
         elif first is Target.CPU:
             write_json(work / "fp8convert.json", cpu_plan(fake))
-        report = build_report(
-            src, source_config, plan, options, target, producer.records, passthrough, aux, links, tmp, known
-        )
+        report = build_report(src, config, plan, options, target, producer.records, passthrough, aux, links, tmp, known)
         report["options"]["aiu_skipped"] = aiu_skipped
         write_json(tmp / REPORT_NAME, report)
         for name in [str(t) for t in sorted(options.targets)] + [REPORT_NAME]:
@@ -448,6 +446,7 @@ def inspect_checkpoint(
 ) -> dict:
     """Layout, evidence, per-linear scheme, and what conversion would do (headers only)."""
     ckpt, config, _reader, plan = open_source(source, fmt)
+    config = plan.hf_config or config
     if plan.problems:
         raise combine(list(plan.problems), where=str(source), hint=FIX_HINT)
     target = choose_target(plan.linears)

@@ -44,6 +44,12 @@ AUX_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "vocab.txt",
+    "tekken.json",
+    "tokenizer.model.v1",
+    "tokenizer.model.v2",
+    "tokenizer.model.v3",
+    "tokenizer.model.v7",
+    "tokenizer.model.v7m1",
 )
 
 

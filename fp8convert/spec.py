@@ -69,6 +69,7 @@ DTYPE_TO_ST: dict[torch.dtype, str] = {
     torch.float8_e5m2: "F8_E5M2",
     torch.float8_e4m3fnuz: "F8_E4M3FNUZ",
     torch.float8_e5m2fnuz: "F8_E5M2FNUZ",
+    torch.float8_e8m0fnu: "F8_E8M0",  # block-scale exponents (DeepSeek ue8m0, MX); never a weight
     torch.bfloat16: "BF16",
     torch.float16: "F16",
     torch.float32: "F32",
@@ -199,7 +200,7 @@ class KVScale:
     """A KV-cache scale found in the source: attention module, which cache, values (fp32)."""
 
     module: str  # e.g. model.layers.0.self_attn
-    kind: str  # "k" | "v" | "q"
+    kind: str  # "k" | "v" | "q" | "kv" (legacy single K/V scale) | "prob" (Quark softmax output)
     key: str  # source tensor name
     shape: tuple[int, ...]
     dtype: str

@@ -340,7 +340,7 @@ def test_config_is_not_json(small):
     ("edit", "seen"),
     [
         (lambda c: c.pop("quantization_config"), "config.json has no quantization_config"),
-        (lambda c: c.update(quantization_config={"quant_method": "fp8"}), "quant_method='fp8'"),
+        (lambda c: c.update(quantization_config={"quant_method": "int8-custom"}), "quant_method='int8-custom'"),
     ],
 )
 def test_config_without_a_known_quantization_config(small, edit, seen):

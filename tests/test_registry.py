@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fp8convert.formats import REGISTRY, detect_format
+from fp8convert.formats import REGISTRY, open_source
 from fp8convert.pipeline import ConvertOptions, convert
-from fp8convert.shards import Checkpoint
 from fp8convert.spec import Target
 
 from fixtures import BUILDERS
@@ -22,8 +21,7 @@ def test_every_reader_has_a_fixture_builder() -> None:
 @pytest.mark.parametrize("name", sorted(BUILDERS))
 def test_builder_output_is_detected_and_converts(name: str, tmp_path: Path) -> None:
     src = BUILDERS[name](tmp_path / "src")
-    ckpt = Checkpoint(src)
-    reader, detection = detect_format(ckpt, ckpt.config())
-    assert reader.name == name == detection.format
+    _ckpt, _config, reader, plan = open_source(src)
+    assert reader.name == name == plan.format
     report = convert(src, tmp_path / "out", ConvertOptions(targets=frozenset({Target.CPU})))
     assert report["source"]["format"] == name and report["summary"]["linears"] > 0

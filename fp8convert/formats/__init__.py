@@ -116,10 +116,6 @@ def open_source(source: str | Path, fmt: str | None = None) -> tuple[Checkpoint,
 
 
 # Importing a format module registers its reader.
-from fp8convert.formats import compressed_tensors  # noqa: E402,F401
-
-# [fp8 family reader import]
-# [modelopt and fbgemm reader imports]
-# [quark and mistral reader imports]
+from fp8convert.formats import compressed_tensors, fbgemm, fp8, mistral, modelopt, quark  # noqa: E402,F401
 
 __all__ = ["REGISTRY", "Detection", "FormatReader", "detect_format", "get", "open_source", "register"]

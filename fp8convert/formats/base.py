@@ -103,11 +103,13 @@ class LayoutRules:
     weight_suffix: str = "weight"
 
 
+_KV_SUFFIX_MODULE = re.compile(r"\.(?:[qkv]_proj|[qkv]v?_fake_quantizer)$")
+
+
 def _kv_module(key: str, suffix: str) -> str:
-    """The attention module of a KV scale key: ``model.layers.0.self_attn.k_proj.k_scale`` -> ``...self_attn``."""
-    head = key[: -len(suffix) - 1]
-    attn = suffix.split(".")[0] if "." in suffix else None
-    return head + (f".{attn}" if attn else "")
+    """The attention module of a KV scale key: ``...self_attn.k_scale``, ``...self_attn.k_proj.k_scale`` and
+    ``...self_attn.k_proj.output_scale`` all give ``...self_attn``."""
+    return _KV_SUFFIX_MODULE.sub("", key.rpartition(".")[0])
 
 
 def plan_modules(ckpt: Checkpoint, rules: LayoutRules, *, format_name: str, detection: Detection) -> CheckpointPlan:

@@ -107,7 +107,10 @@ ARCHS = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "mixtral": ("MixtralForCausalLM", "mixtral"),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "deepseek_v3"),
 }
+#: DeepSeek-V3 multi-head latent attention sizes of the tiny model
+MLA = {"q_lora_rank": 48, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -199,28 +202,59 @@ class TinyModel:
                     "intermediate_size": self.moe_intermediate,
                 }
             )
+        if self.arch == "deepseek_v3":  # layer 0 dense, then MoE with one shared expert (as DeepSeek-V3/R1)
+            config.update(
+                {
+                    **MLA,
+                    "n_routed_experts": self.experts,
+                    "n_shared_experts": 1,
+                    "num_experts_per_tok": self.experts_per_tok,
+                    "moe_intermediate_size": self.moe_intermediate,
+                    "first_k_dense_replace": 1,
+                    "n_group": 1,
+                    "topk_group": 1,
+                    "routed_scaling_factor": 1.0,
+                    "norm_topk_prob": True,
+                    "head_dim": MLA["qk_rope_head_dim"],
+                }
+            )
         return config
 
-    def linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """Every linear of one decoder layer, by name within the layer: ``(out, in)``."""
+    def linear_shapes(self, layer: int = 0) -> dict[str, tuple[int, int]]:
+        """Every linear of decoder layer ``layer``, by name within the layer: ``(out, in)``."""
         h, kv = self.hidden, self.kv_heads * self.head_dim
-        shapes = {
-            "self_attn.q_proj": (h, h),
-            "self_attn.k_proj": (kv, h),
-            "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, h),
-        }
-        if self.arch == "qwen3_moe":
+        if self.arch == "deepseek_v3":
+            n, q_dim = self.heads, MLA["qk_nope_head_dim"] + MLA["qk_rope_head_dim"]
+            shapes = {
+                "self_attn.q_a_proj": (MLA["q_lora_rank"], h),
+                "self_attn.q_b_proj": (n * q_dim, MLA["q_lora_rank"]),
+                "self_attn.kv_a_proj_with_mqa": (MLA["kv_lora_rank"] + MLA["qk_rope_head_dim"], h),
+                "self_attn.kv_b_proj": (n * (MLA["qk_nope_head_dim"] + MLA["v_head_dim"]), MLA["kv_lora_rank"]),
+                "self_attn.o_proj": (h, n * MLA["v_head_dim"]),
+            }
+        else:
+            shapes = {
+                "self_attn.q_proj": (h, h),
+                "self_attn.k_proj": (kv, h),
+                "self_attn.v_proj": (kv, h),
+                "self_attn.o_proj": (h, h),
+            }
+        m = self.moe_intermediate
+        if self.arch == "qwen3_moe" or (self.arch == "deepseek_v3" and layer > 0):
             for e in range(self.experts):
-                m = self.moe_intermediate
                 shapes |= {
                     f"mlp.experts.{e}.gate_proj": (m, h),
                     f"mlp.experts.{e}.up_proj": (m, h),
                     f"mlp.experts.{e}.down_proj": (h, m),
                 }
+            if self.arch == "deepseek_v3":
+                shapes |= {
+                    "mlp.shared_experts.gate_proj": (m, h),
+                    "mlp.shared_experts.up_proj": (m, h),
+                    "mlp.shared_experts.down_proj": (h, m),
+                }
         elif self.arch == "mixtral":
             for e in range(self.experts):
-                m = self.moe_intermediate
                 shapes |= {
                     f"block_sparse_moe.experts.{e}.w1": (m, h),
                     f"block_sparse_moe.experts.{e}.w3": (m, h),
@@ -231,7 +265,9 @@ class TinyModel:
             shapes |= {"mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
         return shapes
 
-    def router(self) -> str | None:
+    def router(self, layer: int = 0) -> str | None:
+        if self.arch == "deepseek_v3":
+            return "mlp.gate" if layer > 0 else None
         return {"qwen3_moe": "mlp.gate", "mixtral": "block_sparse_moe.gate"}.get(self.arch)
 
 
@@ -259,9 +295,14 @@ def dense_tensors(model: TinyModel, seed: int = 0) -> dict[str, torch.Tensor]:
         if m.arch in ("qwen3", "qwen3_moe"):
             t[p + "self_attn.q_norm.weight"] = norm(m.head_dim)
             t[p + "self_attn.k_norm.weight"] = norm(m.head_dim)
-        if (router := m.router()) is not None:
+        if m.arch == "deepseek_v3":
+            t[p + "self_attn.q_a_layernorm.weight"] = norm(MLA["q_lora_rank"])
+            t[p + "self_attn.kv_a_layernorm.weight"] = norm(MLA["kv_lora_rank"])
+        if (router := m.router(i)) is not None:
             t[p + router + ".weight"] = randn(m.experts, m.hidden)
-        for name, (out_f, in_f) in m.linear_shapes().items():
+            if m.arch == "deepseek_v3":  # F32 on disk in DeepSeek-V3/R1 (FORMATS.md 12)
+                t[p + router + ".e_score_correction_bias"] = torch.randn(m.experts, generator=g) * 0.01
+        for name, (out_f, in_f) in m.linear_shapes(i).items():
             w = randn(out_f, in_f)
             w[0, 0] = 0.2  # an outlier, so scales differ visibly between rows and blocks
             t[p + name + ".weight"] = w
@@ -324,7 +365,7 @@ def build_tensors(
     for i in range(m.layers):
         p = f"model.layers.{i}."
         shared_input: dict[str, torch.Tensor] = {}
-        for name in m.linear_shapes():
+        for name in m.linear_shapes(i):
             mod = p + name
             if f"{i}.{name}" in unquantized or mod in unquantized:
                 continue

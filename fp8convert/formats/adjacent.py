@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fp8convert.errors import UnsupportedSchemeError
+from fp8convert.formats.base import find_quant_config
 from fp8convert.shards import Checkpoint
 from fp8convert.spec import FP8_DTYPES, dtype_name
 
@@ -29,17 +30,6 @@ NOT_FP8 = {
     "fp_quant": "FP-Quant (4-bit)",
     "bitnet": "BitNet",
 }
-
-
-def _qc(config: dict) -> dict:
-    for qc in (
-        config.get("quantization_config"),
-        (config.get("text_config") or {}).get("quantization_config"),
-        config.get("compression_config"),
-    ):
-        if isinstance(qc, dict):
-            return qc
-    return {}
 
 
 def _torchao(ckpt: Checkpoint, config: dict, qc: dict) -> str | None:
@@ -113,7 +103,7 @@ RULES: list[Callable[[Checkpoint, dict, dict], str | None]] = [
 
 def refusal(ckpt: Checkpoint, config: dict) -> UnsupportedSchemeError | None:
     """The error for a checkpoint in a layout fp8convert recognises but does not convert, else None."""
-    qc = _qc(config)
+    qc = find_quant_config(config, legacy_compression_config=True)[0] or {}
     for rule in RULES:
         why = rule(ckpt, config, qc)
         if why:

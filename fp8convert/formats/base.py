@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,8 +29,12 @@ from fp8convert.spec import (
     LinearPlan,
     QuantizedLinear,
     TensorRef,
+    WeightScheme,
     dtype_name,
 )
+
+#: The dtypes a stored float scale may have, in every layout.
+SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -77,6 +82,147 @@ def matches(module: str, entries: list[str], *, style: str) -> bool:
         if style == "prefix" and (module == e or module.startswith(e + ".") or e in module):
             return True
     return False
+
+
+# ---- config blocks and detection evidence -----------------------------------------------------------
+def find_quant_config(config: dict, *, legacy_compression_config: bool = False) -> tuple[dict | None, str]:
+    """The quantization block of a config.json and where it was found: ``quantization_config``, else a
+    multimodal model's ``text_config.quantization_config``, else (only with ``legacy_compression_config``, for
+    compressed-tensors) the pre-2024 ``compression_config``; ``(None, "")`` when there is none."""
+    found = [
+        ("quantization_config", config.get("quantization_config")),
+        ("text_config.quantization_config", (config.get("text_config") or {}).get("quantization_config")),
+    ]
+    if legacy_compression_config:
+        found.append(("compression_config", config.get("compression_config")))
+    for where, qc in found:
+        if isinstance(qc, dict):
+            return qc, where
+    return None, ""
+
+
+def model_type(config: dict) -> str:
+    """The ``model_type`` of a config.json, or of its ``text_config`` (multimodal models); "" when neither says."""
+    return str(config.get("model_type") or (config.get("text_config") or {}).get("model_type") or "")
+
+
+def suffix_summary(tensors: Mapping[str, TensorRef], suffixes: Collection[str]) -> str:
+    """``weight float8_e4m3fn x12, weight_scale float32 x12``: how many tensors there are of each of
+    ``suffixes`` (the last component of the key) and dtype, for detection evidence; "" when there are none."""
+    counts = Counter(
+        f"{suffix} {dtype_name(ref.dtype)}"
+        for key, ref in tensors.items()
+        if (suffix := key.rsplit(".", 1)[-1]) in suffixes
+    )
+    return ", ".join(f"{s} x{n}" for s, n in sorted(counts.items()))
+
+
+# ---- per-tensor checks of a linear ------------------------------------------------------------------
+def linear_dims(
+    weight: TensorRef, *, refused: str = "only 2-D [out, in] linear weights are supported (fused 3-D experts are not)"
+) -> tuple[int, int]:
+    """``(out, in)`` of an fp8 linear weight; a weight that is not 2-D is refused (``refused`` says why)."""
+    if len(weight.shape) != 2:
+        raise UnsupportedSchemeError(
+            f"{weight.key} ({weight.file}): fp8 weight of shape {list(weight.shape)}; {refused}"
+        )
+    out_f, in_f = weight.shape
+    return out_f, in_f
+
+
+def required_scale(
+    parts: Mapping[str, TensorRef],
+    suffix: str,
+    weight: TensorRef,
+    *,
+    looked: str,
+    keep_in: str | None = None,
+    stored_as: str | None = None,
+    expected: str = "bf16, f16 or f32",
+) -> TensorRef:
+    """The weight scale ``parts[suffix]`` of an fp8 ``weight``, its dtype checked (``check_scale_dtype``).
+
+    A missing one is a ``MissingTensorError``: "{weight} is {stored_as or its dtype} but has no scale (looked for
+    {looked}); [if this layer should stay in full precision it must be in {keep_in}; ]if the download is partial,
+    download it again".
+    """
+    scale = parts.get(suffix)
+    if scale is None:
+        keep = f"if this layer should stay in full precision it must be in {keep_in}; " if keep_in else ""
+        raise MissingTensorError(
+            f"{weight.key} ({weight.file}) is {stored_as or dtype_name(weight.dtype)} but has no scale (looked for "
+            f"{looked}); {keep}if the download is partial, download it again"
+        )
+    check_scale_dtype(scale, expected=expected)
+    return scale
+
+
+def check_scale_dtype(scale: TensorRef, *, expected: str = "bf16, f16 or f32") -> None:
+    """A stored weight (or input) scale must be a float of ``SCALE_DTYPES``; ``expected`` names them."""
+    if scale.dtype not in SCALE_DTYPES:
+        raise UnsupportedSchemeError(
+            f"{scale.key} ({scale.file}) has dtype {dtype_name(scale.dtype)}; expected {expected}"
+        )
+
+
+def scale_shapes(scheme: WeightScheme, out_features: int, in_features: int) -> set[tuple[int, ...]]:
+    """The weight-scale shapes a scheme accepts: ``scheme.scale_shape``, and also ``[]`` for per-tensor and
+    ``[out]`` for per-channel scales (both as producers write them)."""
+    allowed = {scheme.scale_shape(out_features, in_features)}
+    if scheme.granularity is Granularity.TENSOR:
+        allowed.add(())
+    elif scheme.granularity is Granularity.CHANNEL:
+        allowed.add((out_features,))
+    return allowed
+
+
+def static_input_scale(
+    module: str,
+    suffix: str,
+    scale: TensorRef | None,
+    *,
+    static: bool,
+    says: str,
+    weight: TensorRef,
+    missing: str | None = None,
+    expected: str = "a static per-tensor scale must be [] or [1] bf16/f16/f32",
+) -> TensorRef | None:
+    """A linear's stored input (activation) scale, checked against the config: the scale when the activations
+    are static per tensor, else None.
+
+    Static activations need one ``[]``/``[1]`` float scale (``MissingTensorError`` when it is missing,
+    ``UnsupportedSchemeError`` for another shape or dtype); other activations store none (a scale found is an
+    ``UnsupportedSchemeError``). Messages name ``{module}.{suffix}`` (``input_scale``, ``qscale_act``,
+    ``activation_scale``) and its file; ``says`` is what the config says about the activations, as in
+    "..., but {says} (config and tensors disagree)"; ``missing`` replaces the default text after
+    "{module}.{suffix} is missing" (", but {says} (weight in {weight.file})"); ``expected`` follows a wrong shape
+    or dtype.
+    """
+    name = f"{module}.{suffix}"
+    if not static:
+        if scale is not None:
+            raise UnsupportedSchemeError(f"{name} ({scale.file}) is present, but {says} (config and tensors disagree)")
+        return None
+    if scale is None:
+        raise MissingTensorError(
+            f"{name} is missing" + (f", but {says} (weight in {weight.file})" if missing is None else missing)
+        )
+    if scale.shape not in ((), (1,)) or scale.dtype not in SCALE_DTYPES:
+        raise UnsupportedSchemeError(
+            f"{name} ({scale.file}) is {dtype_name(scale.dtype)} {list(scale.shape)}; {expected}"
+        )
+    return scale
+
+
+def check_bias(parts: Mapping[str, TensorRef], shape: tuple[int, ...], *, fix: str = "") -> TensorRef | None:
+    """A linear's ``bias``: None, or a float tensor of ``shape`` (``fix`` ends the message when it is not)."""
+    bias = parts.get("bias")
+    if bias is not None and (bias.shape != shape or bias.dtype not in FLOAT_DTYPES):
+        raise UnsupportedSchemeError(
+            f"{bias.key} ({bias.file}) is {dtype_name(bias.dtype)} {list(bias.shape)}; expected a float "
+            f"{list(shape)}{fix}"
+        )
+    return bias
 
 
 # ---- the generic planner ---------------------------------------------------------------------------

@@ -9,16 +9,24 @@ naive-quantized. Everything else in the family is refused with a message, never 
 
 from __future__ import annotations
 
-from collections import Counter
-
-import torch
-
-from fp8convert.errors import MissingTensorError, UnsupportedSchemeError
+from fp8convert.errors import UnsupportedSchemeError
 from fp8convert.formats import register
-from fp8convert.formats.base import Detection, LayoutRules, matches, plan_modules, read_linear_default
+from fp8convert.formats.base import (
+    Detection,
+    LayoutRules,
+    check_bias,
+    find_quant_config,
+    linear_dims,
+    matches,
+    plan_modules,
+    read_linear_default,
+    required_scale,
+    scale_shapes,
+    static_input_scale,
+    suffix_summary,
+)
 from fp8convert.shards import Checkpoint
 from fp8convert.spec import (
-    FLOAT_DTYPES,
     ActScheme,
     CheckpointPlan,
     Granularity,
@@ -26,12 +34,10 @@ from fp8convert.spec import (
     QuantizedLinear,
     TensorRef,
     WeightScheme,
-    dtype_name,
 )
 
 NAME = "compressed-tensors"
 SUPPORTED_FORMATS = ("float-quantized", "naive-quantized")
-SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 ZERO_POINT_SUFFIXES = ("weight_zero_point", "input_zero_point", "output_zero_point")
 KV_SUFFIXES = {
     "self_attn.q_scale": "q",  # attention (query) quantization: not used by the AIU stack either
@@ -50,24 +56,12 @@ FORBIDDEN_SUFFIXES = {
 }
 
 
-def quant_config(config: dict) -> tuple[dict | None, str]:
-    """The compressed-tensors block and where it was found."""
-    for where, qc in (
-        ("quantization_config", config.get("quantization_config")),
-        ("text_config.quantization_config", (config.get("text_config") or {}).get("quantization_config")),
-        ("compression_config", config.get("compression_config")),
-    ):
-        if isinstance(qc, dict):
-            return qc, where
-    return None, ""
-
-
 class CompressedTensorsReader:
     name = NAME
     description = "compressed-tensors / llm-compressor (FP8, FP8_DYNAMIC, FP8_BLOCK, W8A16-FP8)"
 
     def detect(self, ckpt: Checkpoint, config: dict) -> Detection | None:
-        qc, where = quant_config(config)
+        qc, where = find_quant_config(config, legacy_compression_config=True)
         if qc is None:
             return None
         method = str(qc.get("quant_method", "")).lower().replace("_", "-")
@@ -78,19 +72,15 @@ class CompressedTensorsReader:
             f"format={qc.get('format')!r}",
             f"quantization_status={qc.get('quantization_status')!r}",
         ]
-        suffixes = Counter(
-            f"{k.rsplit('.', 1)[-1]} {dtype_name(r.dtype)}"
-            for k, r in ckpt.tensors.items()
-            if k.rsplit(".", 1)[-1] in ("weight", "weight_scale", "input_scale", "k_scale", "v_scale")
-        )
-        evidence.append("tensors: " + ", ".join(f"{s} x{n}" for s, n in sorted(suffixes.items())))
+        summary = suffix_summary(ckpt.tensors, ("weight", "weight_scale", "input_scale", "k_scale", "v_scale"))
+        evidence.append("tensors: " + summary)
         return Detection(
             format=NAME, rule="quant_method is compressed-tensors (FORMATS.md 7, step 3)", evidence=evidence
         )
 
     # ---- planning (headers only) -------------------------------------------------------------
     def plan(self, ckpt: Checkpoint, config: dict, detection: Detection) -> CheckpointPlan:
-        qc, where = quant_config(config)
+        qc, where = find_quant_config(config, legacy_compression_config=True)
         assert qc is not None
         groups = self._groups(qc, where)
         ignore = [str(e) for e in (qc.get("ignore") or [])]
@@ -235,34 +225,15 @@ class CompressedTensorsReader:
     @staticmethod
     def _linear(module: str, parts: dict[str, TensorRef], wargs: dict, aargs: dict | None, gname: str) -> LinearPlan:
         w = parts["weight"]
-        where = f"{module}.weight ({w.file})"
-        if len(w.shape) != 2:
-            raise UnsupportedSchemeError(
-                f"{where}: fp8 weight of shape {list(w.shape)}; only 2-D [out, in] linear "
-                "weights are supported (fused 3-D experts are not)"
-            )
-        out_f, in_f = w.shape
+        out_f, in_f = linear_dims(w)
         strategy = wargs["strategy"]
         if strategy == "block":
             scheme = WeightScheme(granularity=Granularity.BLOCK, block=tuple(wargs["block_structure"]))
         else:
             scheme = WeightScheme(granularity=Granularity(strategy))
-        s = parts.get("weight_scale")
-        if s is None:
-            raise MissingTensorError(
-                f"{where} is {dtype_name(w.dtype)} but has no scale (looked for "
-                f"{module}.weight_scale, group {gname} strategy {strategy}); if the download is "
-                "partial, download it again"
-            )
-        if s.dtype not in SCALE_DTYPES:
-            raise UnsupportedSchemeError(
-                f"{module}.weight_scale ({s.file}) has dtype {dtype_name(s.dtype)}; expected bf16, f16 or f32"
-            )
+        s = required_scale(parts, "weight_scale", w, looked=f"{module}.weight_scale, group {gname} strategy {strategy}")
         want = scheme.scale_shape(out_f, in_f)
-        allowed = {want, (out_f,)} if scheme.granularity is Granularity.CHANNEL else {want}
-        if scheme.granularity is Granularity.TENSOR:
-            allowed.add(())
-        if s.shape not in allowed:
+        if s.shape not in scale_shapes(scheme, out_f, in_f):
             raise UnsupportedSchemeError(
                 f"{module}.weight_scale ({s.file}) has shape {list(s.shape)}, but "
                 f"{scheme.describe()} scales for weight {[out_f, in_f]} must be {list(want)}"
@@ -273,37 +244,17 @@ class CompressedTensorsReader:
             act = ActScheme.DYNAMIC_TENSOR if aargs["dynamic"] else ActScheme.STATIC_TENSOR
         else:
             act = ActScheme.DYNAMIC_TOKEN if aargs["strategy"] == "token" else ActScheme.DYNAMIC_GROUP
-        inp = parts.get("input_scale")
-        if act is ActScheme.STATIC_TENSOR:
-            if inp is None:
-                raise MissingTensorError(
-                    f"{module}.input_scale is missing, but group {gname} has static per-tensor "
-                    f"input activations (weight in {w.file})"
-                )
-            if inp.shape not in ((1,), ()) or inp.dtype not in SCALE_DTYPES:
-                raise UnsupportedSchemeError(
-                    f"{module}.input_scale ({inp.file}) is {dtype_name(inp.dtype)} "
-                    f"{list(inp.shape)}; a static per-tensor scale must be [1] bf16/f16/f32"
-                )
-        elif inp is not None:
-            raise UnsupportedSchemeError(
-                f"{module}.input_scale ({inp.file}) is present, but group {gname} has "
-                f"{act} input activations (config and tensors disagree)"
-            )
-        bias = parts.get("bias")
-        if bias is not None and (bias.shape != (out_f,) or bias.dtype not in FLOAT_DTYPES):
-            raise UnsupportedSchemeError(
-                f"{module}.bias ({bias.file}) is {dtype_name(bias.dtype)} {list(bias.shape)}; "
-                f"expected a float [{out_f}]"
-            )
+        static = act is ActScheme.STATIC_TENSOR
+        says = f"group {gname} has {'static per-tensor' if static else act} input activations"
+        inp = static_input_scale(module, "input_scale", parts.get("input_scale"), static=static, says=says, weight=w)
         return LinearPlan(
             module=module,
             weight=w,
             weight_scale=s,
             scheme=scheme,
             activation=act,
-            input_scale=inp if act is ActScheme.STATIC_TENSOR else None,
-            bias=bias,
+            input_scale=inp,
+            bias=check_bias(parts, (out_f,)),
         )
 
     # ---- reading -------------------------------------------------------------------------------

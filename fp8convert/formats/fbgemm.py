@@ -15,16 +15,23 @@ dtypes decide what is quantized.
 from __future__ import annotations
 
 import math
-from collections import Counter
 
-import torch
-
-from fp8convert.errors import MissingTensorError, UnsupportedSchemeError
+from fp8convert.errors import UnsupportedSchemeError
 from fp8convert.formats import register
-from fp8convert.formats.base import Detection, LayoutRules, matches, plan_modules, read_linear_default
+from fp8convert.formats.base import (
+    Detection,
+    LayoutRules,
+    check_bias,
+    find_quant_config,
+    linear_dims,
+    matches,
+    plan_modules,
+    read_linear_default,
+    required_scale,
+    suffix_summary,
+)
 from fp8convert.shards import Checkpoint
 from fp8convert.spec import (
-    FLOAT_DTYPES,
     ActScheme,
     CheckpointPlan,
     Granularity,
@@ -32,23 +39,11 @@ from fp8convert.spec import (
     QuantizedLinear,
     TensorRef,
     WeightScheme,
-    dtype_name,
 )
 
 NAME = "fbgemm"
 METHODS = ("fbgemm_fp8", "fbgemm-fp8")
-SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 CHANNEL = WeightScheme(granularity=Granularity.CHANNEL)
-
-
-def quant_config(config: dict) -> tuple[dict | None, str]:
-    for where, qc in (
-        ("quantization_config", config.get("quantization_config")),
-        ("text_config.quantization_config", (config.get("text_config") or {}).get("quantization_config")),
-    ):
-        if isinstance(qc, dict):
-            return qc, where
-    return None, ""
 
 
 class FbgemmReader:
@@ -56,26 +51,21 @@ class FbgemmReader:
     description = "fbgemm_fp8 (Meta Llama 3.1 405B FP8: row-wise weights, dynamic per-token activations with ub)"
 
     def detect(self, ckpt: Checkpoint, config: dict) -> Detection | None:
-        qc, where = quant_config(config)
+        qc, where = find_quant_config(config)
         if qc is None or str(qc.get("quant_method", "")).lower() not in METHODS:
             return None
         not_convert = qc.get("modules_to_not_convert")
-        suffixes = Counter(
-            f"{k.rsplit('.', 1)[-1]} {dtype_name(r.dtype)}"
-            for k, r in ckpt.tensors.items()
-            if k.rsplit(".", 1)[-1] in ("weight", "weight_scale")
-        )
         evidence = [
             f"config.json {where}.quant_method={qc.get('quant_method')!r}",
             f"activation_scale_ub={qc.get('activation_scale_ub')!r}",
             f"modules_to_not_convert: {len(not_convert) if isinstance(not_convert, list) else not_convert!r} entries",
-            "tensors: " + ", ".join(f"{s} x{n}" for s, n in sorted(suffixes.items())),
+            "tensors: " + suffix_summary(ckpt.tensors, ("weight", "weight_scale")),
         ]
         return Detection(format=NAME, rule="quant_method is fbgemm_fp8 (FORMATS.md 7, step 3)", evidence=evidence)
 
     # ---- planning (headers only) -------------------------------------------------------------
     def plan(self, ckpt: Checkpoint, config: dict, detection: Detection) -> CheckpointPlan:
-        qc, where = quant_config(config)
+        qc, where = find_quant_config(config)
         assert qc is not None
         ub = qc.get("activation_scale_ub")
         if isinstance(ub, bool) or not isinstance(ub, int | float) or not math.isfinite(ub) or ub <= 0:
@@ -114,31 +104,21 @@ class FbgemmReader:
 
 def _linear(module: str, parts: dict[str, TensorRef], ub: float) -> LinearPlan:
     w = parts["weight"]
-    where = f"{w.key} ({w.file})"
-    if len(w.shape) != 2:
-        raise UnsupportedSchemeError(f"{where}: fp8 weight of shape {list(w.shape)}; expected a 2-D [out, in] linear")
-    out_f, in_f = w.shape
-    s = parts.get("weight_scale")
-    if s is None:
-        raise MissingTensorError(
-            f"{where} is {dtype_name(w.dtype)} but has no scale (looked for {module}.weight_scale, row-wise "
-            f"[{out_f}, 1]); if this layer should stay in full precision it must be in modules_to_not_convert; if "
-            "the download is partial, download it again"
-        )
-    if s.dtype not in SCALE_DTYPES:
-        raise UnsupportedSchemeError(
-            f"{s.key} ({s.file}) has dtype {dtype_name(s.dtype)}; expected f32 (fbgemm), bf16 or f16"
-        )
+    out_f, in_f = linear_dims(w, refused="expected a 2-D [out, in] linear")
+    s = required_scale(
+        parts,
+        "weight_scale",
+        w,
+        looked=f"{module}.weight_scale, row-wise [{out_f}, 1]",
+        keep_in="modules_to_not_convert",
+        expected="f32 (fbgemm), bf16 or f16",
+    )
     if s.shape not in ((out_f, 1), (out_f,)):
         raise UnsupportedSchemeError(
             f"{s.key} ({s.file}) has shape {list(s.shape)}, but row-wise scales for weight {[out_f, in_f]} "
             f"must be [{out_f}, 1]"
         )
-    bias = parts.get("bias")
-    if bias is not None and (bias.shape != (out_f,) or bias.dtype not in FLOAT_DTYPES):
-        raise UnsupportedSchemeError(
-            f"{bias.key} ({bias.file}) is {dtype_name(bias.dtype)} {list(bias.shape)}; expected a float [{out_f}]"
-        )
+    bias = check_bias(parts, (out_f,))
     return LinearPlan(
         module=module,
         weight=w,

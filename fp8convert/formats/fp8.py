@@ -32,17 +32,28 @@ by name before detection, adjacent.py).
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
 from fp8convert.errors import MissingTensorError, UnsupportedSchemeError
 from fp8convert.formats import register
-from fp8convert.formats.base import Detection, LayoutRules, matches, plan_modules, read_linear_default
+from fp8convert.formats.base import (
+    SCALE_DTYPES,
+    Detection,
+    LayoutRules,
+    check_bias,
+    find_quant_config,
+    linear_dims,
+    matches,
+    model_type,
+    plan_modules,
+    read_linear_default,
+    static_input_scale,
+    suffix_summary,
+)
 from fp8convert.shards import Checkpoint
 from fp8convert.spec import (
-    FLOAT_DTYPES,
     FP8_DTYPES,
     ActScheme,
     CheckpointPlan,
@@ -56,7 +67,6 @@ from fp8convert.spec import (
 
 NAME = "fp8"
 L1, L2, L3 = "L1", "L2", "L3"
-SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: e8m0 exponent bytes: U8 (MXFP8-style) or the float8_e8m0fnu dtype (safetensors "F8_E8M0")
 E8M0_DTYPES = tuple(d for d in (torch.uint8, getattr(torch, "float8_e8m0fnu", None)) if d is not None)
 KV_SUFFIXES = {
@@ -67,18 +77,9 @@ KV_SUFFIXES = {
 }
 #: every quantization-parameter spelling of the family: one left without an fp8 weight is an error
 QUANT_SUFFIXES = ("weight_scale", "weight_scale_inv", "input_scale", "activation_scale")
+#: tensor suffixes counted in the detection evidence
+EVIDENCE_SUFFIXES = ("weight", *QUANT_SUFFIXES, "k_scale", "v_scale", "kv_scale", "q_scale")
 E4M3_SPELLINGS = (None, "e4m3", "float8_e4m3fn")
-
-
-def quant_config(config: dict) -> tuple[dict | None, str]:
-    """The ``quantization_config`` block and where it was found (top level, or a multimodal text_config)."""
-    for where, qc in (
-        ("quantization_config", config.get("quantization_config")),
-        ("text_config.quantization_config", (config.get("text_config") or {}).get("quantization_config")),
-    ):
-        if isinstance(qc, dict):
-            return qc, where
-    return None, ""
 
 
 def _is_fp8_method(qc: dict) -> bool:
@@ -129,15 +130,6 @@ class Layout:
         )
 
 
-def _suffix_counts(ckpt: Checkpoint) -> Counter[str]:
-    names = ("weight", *QUANT_SUFFIXES, "k_scale", "v_scale", "kv_scale", "q_scale")
-    return Counter(
-        f"{k.rsplit('.', 1)[-1]} {dtype_name(r.dtype)}"
-        for k, r in ckpt.tensors.items()
-        if k.rsplit(".", 1)[-1] in names
-    )
-
-
 def _fp8_modules(ckpt: Checkpoint) -> dict[str, set[str]]:
     """Module -> the suffixes next to its fp8 ``weight``."""
     parts: dict[str, set[str]] = {}
@@ -153,11 +145,10 @@ def _fp8_modules(ckpt: Checkpoint) -> dict[str, set[str]]:
 
 def layout(ckpt: Checkpoint, config: dict) -> Layout | None:
     """The sub-layout (None: not this family). Raises when the family is declared but cannot be told apart."""
-    qc, where = quant_config(config)
+    qc, where = find_quant_config(config)
     if qc is None or not _is_fp8_method(qc):
         return None
-    model_type = str(config.get("model_type") or (config.get("text_config") or {}).get("model_type") or "")
-    if qc.get("expert_dtype") == "fp4" or model_type.startswith("deepseek_v4"):
+    if qc.get("expert_dtype") == "fp4" or model_type(config).startswith("deepseek_v4"):
         return None  # DeepSeek-V4 native (FORMATS.md L11): refused by name in adjacent.py
     if all(f.startswith("consolidated") for f in ckpt.files) and (ckpt.root / "params.json").exists():
         return None  # only Mistral-native files next to an HF config: the mistral reader's
@@ -178,8 +169,8 @@ def layout(ckpt: Checkpoint, config: dict) -> Layout | None:
             )
         ignore += entries
         evidence.append(f"{key}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}")
-    counts = _suffix_counts(ckpt)
-    evidence.append("tensors: " + ", ".join(f"{s} x{n}" for s, n in sorted(counts.items())))
+    summary = suffix_summary(ckpt.tensors, EVIDENCE_SUFFIXES)
+    evidence.append("tensors: " + summary)
     if qc.get("kv_cache_scheme") and not any(k.endswith(tuple("." + s for s in KV_SUFFIXES)) for k in ckpt.tensors):
         evidence.append("note: kv_cache_scheme is set but no k_scale/v_scale/kv_scale tensor was found")
 
@@ -219,7 +210,7 @@ def layout(ckpt: Checkpoint, config: dict) -> Layout | None:
     with_scale = sorted(m for m, s in fp8.items() if "weight_scale" in s)
     seen = [
         f"{len(fp8)} fp8 weight(s); {len(with_scale)} with weight_scale, {len(with_inv)} with weight_scale_inv",
-        "tensors: " + (", ".join(f"{s} x{n}" for s, n in sorted(counts.items())) or "none of the family's names"),
+        "tensors: " + (summary or "none of the family's names"),
     ]
     if with_inv and with_scale:
         raise UnsupportedSchemeError(
@@ -283,12 +274,7 @@ class Fp8Reader:
         expected, and the fix, in its message (the pipeline lists the messages of all problems together)."""
         w = parts["weight"]
         wkey = f"{module}.weight ({w.file})"
-        if len(w.shape) != 2:
-            raise UnsupportedSchemeError(
-                f"{wkey}: fp8 weight of shape {list(w.shape)}; only 2-D [out, in] linear weights are supported "
-                "(fused 3-D experts are not)"
-            )
-        out_f, in_f = w.shape
+        out_f, in_f = linear_dims(w)
         suffix, other = lay.scale_suffix, ("weight_scale_inv" if lay.kind == L1 else "weight_scale")
         inp_suffix = lay.input_suffix
         allowed = {"weight", suffix, "bias"} | ({inp_suffix} if inp_suffix else set())
@@ -366,27 +352,22 @@ class Fp8Reader:
                 "the checkpoint is block-quantized, config.json lost its weight_block_size: add the producer's "
                 "block (e.g. [128, 128]); else check quant_method or re-export the checkpoint"
             )
-        inp = parts.get(inp_suffix) if inp_suffix else None
-        if inp_suffix is not None:
-            if inp is None:
-                raise MissingTensorError(
-                    f"{module}.{inp_suffix} is missing for {wkey}: config.json activation_scheme is 'static', which "
-                    f"stores one input scale [] per quantized linear. Fix: if the download is partial, download it "
-                    "again; if the checkpoint was exported with dynamic activations, set activation_scheme to "
-                    "'dynamic' in config.json"
-                )
-            if inp.shape not in ((), (1,)) or inp.dtype not in SCALE_DTYPES:
-                raise UnsupportedSchemeError(
-                    f"{module}.{inp_suffix} ({inp.file}) is {dtype_name(inp.dtype)} {list(inp.shape)}; a static "
-                    "per-tensor input scale is [] or [1] in float32, bfloat16 or float16. Fix: re-export the "
-                    "checkpoint"
-                )
-        bias = parts.get("bias")
-        if bias is not None and (bias.shape != (out_f,) or bias.dtype not in FLOAT_DTYPES):
-            raise UnsupportedSchemeError(
-                f"{module}.bias ({bias.file}) is {dtype_name(bias.dtype)} {list(bias.shape)}; expected a float "
-                f"[{out_f}]. Fix: re-export the checkpoint"
+        inp = None
+        if inp_suffix is not None:  # a dynamic layout's stray input scale is refused above, as an extra tensor
+            inp = static_input_scale(
+                module,
+                inp_suffix,
+                parts.get(inp_suffix),
+                static=True,
+                says="config.json activation_scheme is 'static'",
+                weight=w,
+                missing=f" for {wkey}: config.json activation_scheme is 'static', which stores one input scale [] "
+                "per quantized linear. Fix: if the download is partial, download it again; if the checkpoint was "
+                "exported with dynamic activations, set activation_scheme to 'dynamic' in config.json",
+                expected="a static per-tensor input scale is [] or [1] in float32, bfloat16 or float16. Fix: "
+                "re-export the checkpoint",
             )
+        bias = check_bias(parts, (out_f,), fix=". Fix: re-export the checkpoint")
         if lay.kind == L2:
             act = ActScheme.DYNAMIC_GROUP  # per token and block-wide group of input channels, at run time
         else:

@@ -25,14 +25,22 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from fp8convert.errors import CheckpointError, MissingTensorError, UnsupportedSchemeError
+from fp8convert.errors import CheckpointError, UnsupportedSchemeError
 from fp8convert.formats import register
-from fp8convert.formats.base import Detection, LayoutRules, plan_modules, read_linear_default
+from fp8convert.formats.base import (
+    Detection,
+    LayoutRules,
+    linear_dims,
+    plan_modules,
+    read_linear_default,
+    required_scale,
+    static_input_scale,
+    suffix_summary,
+)
 from fp8convert.shards import Checkpoint, read_json
 from fp8convert.spec import (
     ActScheme,
@@ -48,7 +56,6 @@ from fp8convert.spec import (
 NAME = "mistral"
 PARAMS = "params.json"
 CONSOLIDATED = "consolidated"
-SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: transformers ``convert_mistral_weights_to_hf.py --max_position_embeddings`` default, used when params.json
 #: has neither ``max_position_embeddings`` nor ``max_seq_len``.
 DEFAULT_MAX_POSITIONS = 32768
@@ -227,18 +234,13 @@ class MistralReader:
         quant = params.get("quantization")
         if not quant:
             return None
-        kinds = Counter(
-            f"{k.rsplit('.', 1)[-1]} {dtype_name(r.dtype)}"
-            for k, r in ckpt.tensors.items()
-            if k.rsplit(".", 1)[-1] in ("weight", "qscale_weight", "qscale_act")
-        )
         return Detection(
             format=NAME,
             rule="params.json quantization + consolidated*.safetensors only (FORMATS.md 7, step 1)",
             evidence=[
                 f"params.json quantization={quant!r}",
                 f"safetensors: {', '.join(ckpt.files)} (no HF-format files)",
-                "tensors: " + ", ".join(f"{s} x{n}" for s, n in sorted(kinds.items())),
+                "tensors: " + suffix_summary(ckpt.tensors, ("weight", "qscale_weight", "qscale_act")),
             ],
         )
 
@@ -382,19 +384,8 @@ class MistralReader:
             raise UnsupportedSchemeError(
                 f"{where} is stored as {dtype_name(w.dtype)}, but params.json says qformat_weight fp8_e4m3"
             )
-        if len(w.shape) != 2:
-            raise UnsupportedSchemeError(f"{where}: fp8 weight of shape {list(w.shape)}; only 2-D [out, in] weights")
-        out_f, in_f = w.shape
-        s = parts.get("qscale_weight")
-        if s is None:
-            raise MissingTensorError(
-                f"{where} is fp8 but has no scale (looked for {module}.qscale_weight); if the download is "
-                "partial, download it again"
-            )
-        if s.dtype not in SCALE_DTYPES:
-            raise UnsupportedSchemeError(
-                f"{module}.qscale_weight ({s.file}) has dtype {dtype_name(s.dtype)}; expected bf16, f16 or f32"
-            )
+        out_f, in_f = linear_dims(w, refused="only 2-D [out, in] weights")
+        s = required_scale(parts, "qscale_weight", w, looked=f"{module}.qscale_weight", stored_as="fp8")
         if s.shape in ((), (1,)):
             scheme = WeightScheme(granularity=Granularity.TENSOR)
         elif s.shape in ((out_f,), (out_f, 1)):
@@ -405,23 +396,9 @@ class MistralReader:
                 "per-tensor ([] or [1]) and per-row ([out] or [out, 1]) scales are supported (block-shaped native "
                 f"scales, e.g. Mistral Large 3/4, are unconfirmed); {HF_FILES_HINT}"
             )
-        inp = parts.get("qscale_act")
-        if act is ActScheme.STATIC_TENSOR:
-            if inp is None:
-                raise MissingTensorError(
-                    f"{module}.qscale_act is missing, but params.json qscheme_act is TENSOR (static; weight in "
-                    f"{w.file})"
-                )
-            if inp.shape not in ((), (1,)) or inp.dtype not in SCALE_DTYPES:
-                raise UnsupportedSchemeError(
-                    f"{module}.qscale_act ({inp.file}) is {dtype_name(inp.dtype)} {list(inp.shape)}; a static "
-                    "per-tensor scale must be [] or [1] bf16/f16/f32"
-                )
-        elif inp is not None:
-            raise UnsupportedSchemeError(
-                f"{module}.qscale_act ({inp.file}) is present, but params.json qscheme_act is NO_SCALES "
-                "(config and tensors disagree)"
-            )
+        static = act is ActScheme.STATIC_TENSOR
+        says = f"params.json qscheme_act is {'TENSOR (static)' if static else 'NO_SCALES'}"
+        inp = static_input_scale(module, "qscale_act", parts.get("qscale_act"), static=static, says=says, weight=w)
         bias = parts.get("bias")
         if bias is not None:
             raise UnsupportedSchemeError(
@@ -433,7 +410,7 @@ class MistralReader:
             weight_scale=s,
             scheme=scheme,
             activation=act,
-            input_scale=inp if act is ActScheme.STATIC_TENSOR else None,
+            input_scale=inp,
         )
 
     # ---- reading -------------------------------------------------------------------------------

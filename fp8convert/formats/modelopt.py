@@ -27,17 +27,25 @@ from __future__ import annotations
 
 import copy
 import re
-from collections import Counter
 from dataclasses import dataclass, field
-
-import torch
 
 from fp8convert.errors import CheckpointError, MissingTensorError, UnsupportedSchemeError
 from fp8convert.formats import register
-from fp8convert.formats.base import Detection, LayoutRules, matches, plan_modules, read_linear_default
+from fp8convert.formats.base import (
+    Detection,
+    LayoutRules,
+    check_bias,
+    check_scale_dtype,
+    find_quant_config,
+    matches,
+    model_type,
+    plan_modules,
+    read_linear_default,
+    required_scale,
+    suffix_summary,
+)
 from fp8convert.shards import Checkpoint, read_json
 from fp8convert.spec import (
-    FLOAT_DTYPES,
     ActScheme,
     CheckpointPlan,
     Granularity,
@@ -57,7 +65,7 @@ ALIASES = {"FP8_BLOCK_SCALES": PB_WO}
 FP8_ALGOS = (FP8, PCPT, PB_WO)
 MIXED = "MIXED_PRECISION"
 BLOCK = 128
-SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SCALE_DTYPE_NAMES = "f32 (ModelOpt), bf16 or f16"  # base.SCALE_DTYPES, as the messages name them
 KV_SUFFIXES = {"k_proj.k_scale": "k", "v_proj.v_scale": "v"}
 FORBIDDEN_SUFFIXES = {
     "weight_scale_2": "two-level scales (NVFP4 / W4A8): not an FP8 weight format, not supported",
@@ -79,16 +87,6 @@ SUPPORTED_HINT = (
     "fp8convert converts ModelOpt FP8, FP8_PER_CHANNEL_PER_TOKEN and FP8_PB_WO (FP8_BLOCK_SCALES) checkpoints, "
     "and MIXED_PRECISION ones whose layers all use those; export the model with one of them"
 )
-
-
-def _quant_block(config: dict) -> tuple[dict | None, str]:
-    for where, qc in (
-        ("quantization_config", config.get("quantization_config")),
-        ("text_config.quantization_config", (config.get("text_config") or {}).get("quantization_config")),
-    ):
-        if isinstance(qc, dict):
-            return qc, where
-    return None, ""
 
 
 def _producer(block: dict) -> str | None:
@@ -219,7 +217,7 @@ class ModelOptReader:
 
     def _find(self, ckpt: Checkpoint, config: dict) -> tuple[dict, str, str] | None:
         """(config block, where, rule) when the checkpoint is a ModelOpt export."""
-        qc, where = _quant_block(config)
+        qc, where = find_quant_config(config)
         if qc is not None:
             method = str(qc.get("quant_method", "")).lower()
             if method.startswith("modelopt"):
@@ -262,12 +260,7 @@ class ModelOptReader:
             evidence.append("config_groups present but ignored: quant_method decides (FORMATS.md 7, step 3)")
         if (ckpt.root / HF_QUANT_CONFIG).is_file() and where != HF_QUANT_CONFIG:
             evidence.append(f"{HF_QUANT_CONFIG} present")
-        suffixes = Counter(
-            f"{k.rsplit('.', 1)[-1]} {dtype_name(r.dtype)}"
-            for k, r in ckpt.tensors.items()
-            if k.rsplit(".", 1)[-1] in EVIDENCE_SUFFIXES
-        )
-        evidence.append("tensors: " + ", ".join(f"{s} x{n}" for s, n in sorted(suffixes.items())))
+        evidence.append("tensors: " + suffix_summary(ckpt.tensors, EVIDENCE_SUFFIXES))
         return Detection(format=NAME, rule=rule, evidence=evidence)
 
     def settings(self, ckpt: Checkpoint, config: dict) -> Settings:
@@ -296,7 +289,7 @@ class ModelOptReader:
     def plan(self, ckpt: Checkpoint, config: dict, detection: Detection) -> CheckpointPlan:
         s = self.settings(ckpt, config)
         hidden = _hidden_size(config)
-        model_type = str(config.get("model_type") or (config.get("text_config") or {}).get("model_type") or "")
+        mtype = model_type(config)
 
         def linears(module: str, parts: dict[str, TensorRef]) -> list[LinearPlan]:
             w = parts["weight"]
@@ -307,7 +300,7 @@ class ModelOptReader:
                     f"list {module} (config and tensors disagree)"
                 )
             if len(w.shape) == 3 and module.endswith((".experts.gate_up_proj", ".experts.down_proj")):
-                return self._fused(module, parts, algo, hidden, model_type)
+                return self._fused(module, parts, algo, hidden, mtype)
             if len(w.shape) != 2:
                 raise UnsupportedSchemeError(
                     f"{w.key} ({w.file}): fp8 weight of shape {list(w.shape)}; expected a 2-D [out, in] linear "
@@ -355,13 +348,9 @@ class ModelOptReader:
         out_f = b if bmm else a
         if proj == "gate_up_proj" and out_f % 2:
             raise UnsupportedSchemeError(f"{where}: gate_up_proj has an odd number of outputs ({out_f})")
-        s = parts.get("weight_scale")
-        if s is None:
-            raise MissingTensorError(
-                f"{where} is {dtype_name(w.dtype)} but has no scale (looked for {w.key}_weight_scale; quant_algo "
-                f"{algo}); if the download is partial, download it again"
-            )
-        _check_dtype(s)
+        s = required_scale(
+            parts, "weight_scale", w, looked=f"{w.key}_weight_scale; quant_algo {algo}", expected=SCALE_DTYPE_NAMES
+        )
         per_expert = {(), (1,), (n,), (n, 1), (n, 1, 1)}
         if algo == PCPT and s.shape in {(n, out_f), (n, out_f, 1)}:
             scheme = WeightScheme(granularity=Granularity.CHANNEL)
@@ -374,12 +363,7 @@ class ModelOptReader:
                 f"must be {want}"
             )
         act, inp = _activation(module, parts, algo, per_expert, where=where, fused=True)
-        bias = parts.get("bias")
-        if bias is not None and (bias.shape != (n, out_f) or bias.dtype not in FLOAT_DTYPES):
-            raise UnsupportedSchemeError(
-                f"{bias.key} ({bias.file}) is {dtype_name(bias.dtype)} {list(bias.shape)}; "
-                f"expected a float [{n}, {out_f}]"
-            )
+        bias = check_bias(parts, (n, out_f))
         half = out_f // 2
         slices = (
             [("gate_proj", (0, half)), ("up_proj", (half, out_f))] if proj == "gate_up_proj" else [("down_proj", None)]
@@ -409,13 +393,6 @@ class ModelOptReader:
         return read_linear_default(ckpt, linear)
 
 
-def _check_dtype(s: TensorRef) -> None:
-    if s.dtype not in SCALE_DTYPES:
-        raise UnsupportedSchemeError(
-            f"{s.key} ({s.file}) has dtype {dtype_name(s.dtype)}; expected f32 (ModelOpt), bf16 or f16"
-        )
-
-
 def _activation(
     module: str, parts: dict[str, TensorRef], algo: str, shapes: set[tuple[int, ...]], *, where: str, fused: bool
 ) -> tuple[ActScheme, TensorRef | None]:
@@ -429,7 +406,7 @@ def _activation(
                 f"{where} has no input scale (looked for {looked}), but quant_algo {algo} has static per-tensor "
                 "input activations; if the download is partial, download it again"
             )
-        _check_dtype(inp)
+        check_scale_dtype(inp, expected=SCALE_DTYPE_NAMES)
         if inp.shape not in shapes:
             raise UnsupportedSchemeError(
                 f"{inp.key} ({inp.file}) has shape {list(inp.shape)}; a static per-tensor input scale must be "
@@ -448,14 +425,14 @@ def _linear(module: str, parts: dict[str, TensorRef], algo: str) -> LinearPlan:
     w = parts["weight"]
     where = f"{w.key} ({w.file})"
     out_f, in_f = w.shape
-    s = parts.get("weight_scale")
-    if s is None:
-        raise MissingTensorError(
-            f"{where} is {dtype_name(w.dtype)} but has no scale (looked for {module}.weight_scale; quant_algo "
-            f"{algo}); if this layer should stay in full precision it must be in exclude_modules; if the download "
-            "is partial, download it again"
-        )
-    _check_dtype(s)
+    s = required_scale(
+        parts,
+        "weight_scale",
+        w,
+        looked=f"{module}.weight_scale; quant_algo {algo}",
+        keep_in="exclude_modules",
+        expected=SCALE_DTYPE_NAMES,
+    )
     rows_b = -(-out_f // BLOCK)
     if algo == FP8:
         scheme, allowed, want = WeightScheme(granularity=Granularity.TENSOR), {(), (1,)}, "[] (one value)"
@@ -476,11 +453,7 @@ def _linear(module: str, parts: dict[str, TensorRef], algo: str) -> LinearPlan:
             f"{s.key} ({s.file}) has shape {list(s.shape)}, but {algo} scales for weight {[out_f, in_f]} must be {want}"
         )
     act, inp = _activation(module, parts, algo, {(), (1,)}, where=where, fused=False)
-    bias = parts.get("bias")
-    if bias is not None and (bias.shape != (out_f,) or bias.dtype not in FLOAT_DTYPES):
-        raise UnsupportedSchemeError(
-            f"{bias.key} ({bias.file}) is {dtype_name(bias.dtype)} {list(bias.shape)}; expected a float [{out_f}]"
-        )
+    bias = check_bias(parts, (out_f,))
     return LinearPlan(
         module=module, weight=w, weight_scale=s, scheme=scheme, activation=act, input_scale=inp, bias=bias
     )

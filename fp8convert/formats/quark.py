@@ -19,17 +19,28 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections import Counter
 from typing import Any
 
 import torch
 
-from fp8convert.errors import CheckpointError, MissingTensorError, UnsupportedSchemeError
+from fp8convert.errors import CheckpointError, UnsupportedSchemeError
 from fp8convert.formats import register
-from fp8convert.formats.base import Detection, LayoutRules, matches, plan_modules, read_linear_default
+from fp8convert.formats.base import (
+    Detection,
+    LayoutRules,
+    check_bias,
+    find_quant_config,
+    linear_dims,
+    matches,
+    plan_modules,
+    read_linear_default,
+    required_scale,
+    scale_shapes,
+    static_input_scale,
+    suffix_summary,
+)
 from fp8convert.shards import Checkpoint
 from fp8convert.spec import (
-    FLOAT_DTYPES,
     FP8_DTYPES,
     ActScheme,
     CheckpointPlan,
@@ -42,7 +53,6 @@ from fp8convert.spec import (
 )
 
 NAME = "quark"
-SCALE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 #: Quark's ``fp8_e4m3`` is ``torch.float8_e4m3fn`` on disk; an fnuz file (not seen on the Hub) is read as stored.
 WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 DEFAULT_BLOCK = (128, 128)  # vLLM QuarkW8A8Fp8Block: weight_config.get("block_size") or [128, 128]
@@ -78,17 +88,11 @@ def quant_config(config: dict) -> tuple[dict | None, str]:
     A config re-saved through transformers' ``QuarkConfig`` nests the Quark config under ``quant_config`` and
     the export config under ``json_export_config``; both spellings are read the same.
     """
-    for where, qc in (
-        ("quantization_config", config.get("quantization_config")),
-        ("text_config.quantization_config", (config.get("text_config") or {}).get("quantization_config")),
-    ):
-        if not isinstance(qc, dict):
-            continue
-        if "global_quant_config" not in qc and isinstance(qc.get("quant_config"), dict):
-            qc = {**qc["quant_config"], "export": qc.get("json_export_config") or qc.get("export")}
-            where += ".quant_config"
-        return qc, where
-    return None, ""
+    qc, where = find_quant_config(config)
+    if qc is not None and "global_quant_config" not in qc and isinstance(qc.get("quant_config"), dict):
+        qc = {**qc["quant_config"], "export": qc.get("json_export_config") or qc.get("export")}
+        where += ".quant_config"
+    return qc, where
 
 
 def excluded(module: str, entries: list[str]) -> bool:
@@ -220,12 +224,8 @@ class QuarkReader:
             f"global weight {wdesc}; input_tensors {idesc}",
             f"export.weight_format={export.get('weight_format')!r} kv_cache_group={export.get('kv_cache_group')!r}",
         ]
-        suffixes = Counter(
-            f"{k.rsplit('.', 1)[-1]} {dtype_name(r.dtype)}"
-            for k, r in ckpt.tensors.items()
-            if k.rsplit(".", 1)[-1] in ("weight", "weight_scale", "input_scale", "output_scale")
-        )
-        evidence.append("tensors: " + ", ".join(f"{s} x{n}" for s, n in sorted(suffixes.items())))
+        summary = suffix_summary(ckpt.tensors, ("weight", "weight_scale", "input_scale", "output_scale"))
+        evidence.append("tensors: " + summary)
         return Detection(format=NAME, rule="quant_method is quark (FORMATS.md 7, step 3)", evidence=evidence)
 
     # ---- configuration ---------------------------------------------------------------------------
@@ -373,62 +373,26 @@ class QuarkReader:
                 f"{where} is stored as {dtype_name(w.dtype)}, but {cfg.where}.weight.dtype is 'fp8_e4m3' "
                 "(config and tensors disagree)"
             )
-        if len(w.shape) != 2:
-            raise UnsupportedSchemeError(
-                f"{where}: fp8 weight of shape {list(w.shape)}; only 2-D [out, in] linear weights are supported"
-            )
-        out_f, in_f = w.shape
+        out_f, in_f = linear_dims(w, refused="only 2-D [out, in] linear weights are supported")
         scheme = cfg.scheme
-        s = parts.get("weight_scale")
-        if s is None:
-            raise MissingTensorError(
-                f"{where} is {dtype_name(w.dtype)} but has no scale (looked for {module}.weight_scale, "
-                f"{cfg.where} qscheme {scheme.describe()}); if the download is partial, download it again"
-            )
-        if s.dtype not in SCALE_DTYPES:
-            raise UnsupportedSchemeError(
-                f"{module}.weight_scale ({s.file}) has dtype {dtype_name(s.dtype)}; expected bf16, f16 or f32"
-            )
-        want = scheme.scale_shape(out_f, in_f)
-        allowed = {want}
-        if scheme.granularity is Granularity.TENSOR:
-            allowed.add(())
-        elif scheme.granularity is Granularity.CHANNEL:
-            allowed.add((out_f,))
+        s = required_scale(
+            parts, "weight_scale", w, looked=f"{module}.weight_scale, {cfg.where} qscheme {scheme.describe()}"
+        )
+        allowed = scale_shapes(scheme, out_f, in_f)
         if s.shape not in allowed:
             raise UnsupportedSchemeError(
                 f"{module}.weight_scale ({s.file}) has shape {list(s.shape)}, but {cfg.where} says "
                 f"{scheme.describe()}, whose scales for weight {[out_f, in_f]} are "
                 + " or ".join(str(list(a)) for a in sorted(allowed, key=len))
             )
-        inp = parts.get("input_scale")
-        if cfg.activation is ActScheme.STATIC_TENSOR:
-            if inp is None:
-                raise MissingTensorError(
-                    f"{module}.input_scale is missing, but {cfg.where}.input_tensors is static per_tensor "
-                    f"(weight in {w.file})"
-                )
-            if inp.shape not in ((), (1,)) or inp.dtype not in SCALE_DTYPES:
-                raise UnsupportedSchemeError(
-                    f"{module}.input_scale ({inp.file}) is {dtype_name(inp.dtype)} {list(inp.shape)}; a static "
-                    "per-tensor scale must be [] or [1] bf16/f16/f32"
-                )
-        elif inp is not None:
-            raise UnsupportedSchemeError(
-                f"{module}.input_scale ({inp.file}) is present, but {cfg.where}.input_tensors is "
-                f"{cfg.activation} (config and tensors disagree)"
-            )
+        static = cfg.activation is ActScheme.STATIC_TENSOR
+        says = f"{cfg.where}.input_tensors is {'static per_tensor' if static else cfg.activation}"
+        inp = static_input_scale(module, "input_scale", parts.get("input_scale"), static=static, says=says, weight=w)
         out = parts.get("output_scale")
         if out is not None and not KV_PROJ.search(module):  # q/k/v_proj output scales are KV scales (as in vLLM)
             raise UnsupportedSchemeError(
                 f"{module}.output_scale ({out.file}): output activation quantization is not supported (only the "
                 "q_proj/k_proj/v_proj output scales, which are attention/KV-cache scales)"
-            )
-        bias = parts.get("bias")
-        if bias is not None and (bias.shape != (out_f,) or bias.dtype not in FLOAT_DTYPES):
-            raise UnsupportedSchemeError(
-                f"{module}.bias ({bias.file}) is {dtype_name(bias.dtype)} {list(bias.shape)}; expected a float "
-                f"[{out_f}]"
             )
         return LinearPlan(
             module=module,
@@ -436,8 +400,8 @@ class QuarkReader:
             weight_scale=s,
             scheme=scheme,
             activation=cfg.activation,
-            input_scale=inp if cfg.activation is ActScheme.STATIC_TENSOR else None,
-            bias=bias,
+            input_scale=inp,
+            bias=check_bias(parts, (out_f,)),
         )
 
     # ---- reading -------------------------------------------------------------------------------

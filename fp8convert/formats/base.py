@@ -247,6 +247,8 @@ class LayoutRules:
     dropped_suffixes: dict[str, str] = field(default_factory=dict)
     forbidden_suffixes: dict[str, str] = field(default_factory=dict)
     weight_suffix: str = "weight"
+    #: ``fused(key, tensors)``: the per-expert linears of a fused 3-D fp8 experts tensor (None: refused)
+    fused: Callable[[str, dict[str, TensorRef]], list[LinearPlan]] | None = None
 
 
 _KV_SUFFIX_MODULE = re.compile(r"\.(?:[qkv]_proj|[qkv]v?_fake_quantizer)$")
@@ -290,9 +292,25 @@ def plan_modules(ckpt: Checkpoint, rules: LayoutRules, *, format_name: str, dete
                 dropped[key] = "KV-cache/attention scale (the AIU stack does not read it; listed under kv_cache_scales)"
                 break
 
+    if rules.fused is not None:
+        for key, ref in sorted(tensors.items()):
+            if ref.dtype not in FP8_DTYPES or len(ref.shape) != 3:
+                continue
+            siblings = {k for k in tensors if k.startswith(key.removesuffix(".weight") + "_")} | {key}
+            try:
+                found = rules.fused(key, tensors)
+            except CheckpointError as exc:
+                problems.append(exc)
+                claimed.update(siblings)
+                continue
+            linears.extend(found)
+            claimed.update(siblings)
+            for lin in found:
+                claimed.update(r.key for r in (lin.weight_scale, lin.input_scale, lin.bias) if r is not None)
+
     for module, parts in sorted(modules.items()):
         w = parts.get(rules.weight_suffix)
-        if w is None:
+        if w is None or f"{module}.{rules.weight_suffix}" in claimed:
             continue
         wkey = f"{module}.{rules.weight_suffix}"
         for suffix, why in rules.forbidden_suffixes.items():
@@ -346,7 +364,12 @@ def plan_modules(ckpt: Checkpoint, rules: LayoutRules, *, format_name: str, dete
                 UnsupportedSchemeError(f"{key} ({ref.file}): a quantization parameter whose module has no fp8 weight")
             )
         elif ref.dtype in FP8_DTYPES:
-            problems.append(UnsupportedSchemeError(f"{key} ({ref.file}): fp8 tensor that is not a linear weight"))
+            what = (
+                "a fused 3-D experts tensor, which this layout's reader does not split (per-expert checkpoints convert)"
+                if len(ref.shape) == 3
+                else "an fp8 tensor that is not a linear weight"
+            )
+            problems.append(UnsupportedSchemeError(f"{key} ({ref.file}): {what}"))
     if not linears and not problems:
         raise MissingTensorError(
             f"the config declares {format_name} quantization but no fp8 weight was found",

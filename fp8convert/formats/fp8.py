@@ -32,6 +32,7 @@ by name before detection, adjacent.py).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -263,6 +264,7 @@ class Fp8Reader:
         rules = LayoutRules(
             quant_suffixes=QUANT_SUFFIXES,
             linears=linears,
+            fused=lambda key, tensors: self._fused(key, tensors, lay),
             ignored=lambda module: matches(module, lay.ignore, style="prefix"),
             kv_suffixes=KV_SUFFIXES,
         )
@@ -376,6 +378,70 @@ class Fp8Reader:
             module=module, weight=w, weight_scale=s, scheme=scheme, activation=act, input_scale=inp, bias=bias
         )
 
+    @staticmethod
+    def _fused(key: str, tensors: dict[str, TensorRef], lay: Layout) -> list[LinearPlan]:
+        """Per-expert linears of a fused ``experts.gate_up_proj [E, 2I, H]`` / ``experts.down_proj [E, H, I]``
+        (transformers >= 5 naming, scales ``{key}_scale_inv`` / ``{key}_scale`` per expert)."""
+        w = tensors[key]
+        m = FUSED_EXPERTS.match(key)
+        if m is None:
+            raise UnsupportedSchemeError(
+                f"{key} ({w.file}): a fused 3-D fp8 tensor that is not experts.gate_up_proj / experts.down_proj; "
+                "only those are split into per-expert linears. Fix: export per-expert weights"
+            )
+        n, out_f, in_f = w.shape
+        stem = key.removesuffix(".weight")
+        # transformers 5 names the scale of experts.gate_up_proj "gate_up_proj_scale_inv" (weight_ dropped)
+        names = [f"{stem}_{lay.scale_suffix.removeprefix('weight_')}", f"{stem}_{lay.scale_suffix}"]
+        found = [n for n in names if n in tensors]
+        if not found:
+            raise MissingTensorError(
+                f"{key} ({w.file}) is a fused fp8 experts tensor with no scale (looked for {' and '.join(names)}). "
+                "Fix: if the download is partial, download it again"
+            )
+        s = tensors[found[0]]
+        if not lay.dynamic:
+            raise UnsupportedSchemeError(
+                f"{key} ({w.file}): fused experts with static activation scales are not supported. Fix: export "
+                "per-expert weights"
+            )
+        if lay.block is not None:
+            scheme = WeightScheme(granularity=Granularity.BLOCK, block=lay.block)
+            want: tuple[tuple[int, ...], ...] = ((n, *scheme.scale_shape(out_f, in_f)),)
+        else:
+            scheme = WeightScheme(granularity=Granularity.TENSOR)
+            want = ((), (n,), (n, 1), (n, 1, 1))
+        if s.shape not in want or s.dtype not in SCALE_DTYPES:
+            raise UnsupportedSchemeError(
+                f"{s.key} ({s.file}) is {dtype_name(s.dtype)} {list(s.shape)}; for fused experts "
+                f"{list(w.shape)} ({lay.label}) it must be one of {[list(x) for x in want]} in float32, bfloat16 "
+                "or float16. Fix: re-export the checkpoint"
+            )
+        act = ActScheme.DYNAMIC_GROUP if lay.kind == L2 else ActScheme.DYNAMIC_TENSOR
+        parent = m["parent"]
+        halves: list[tuple[str, tuple[int, int] | None]] = [("down_proj", None)]
+        if m["proj"] == "gate_up_proj":
+            half = out_f // 2
+            if out_f % 2 or (lay.block is not None and half % lay.block[0]):
+                raise UnsupportedSchemeError(
+                    f"{key} ({w.file}): gate_up rows {out_f} do not split into gate and up at a scale-block "
+                    f"boundary (block {lay.block}). Fix: export per-expert weights"
+                )
+            halves = [("gate_proj", (0, half)), ("up_proj", (half, out_f))]
+        return [
+            LinearPlan(
+                module=f"{parent}.{e}.{name}",
+                weight=w,
+                weight_scale=s,
+                scheme=scheme,
+                activation=act,
+                expert=e,
+                rows=rows,
+            )
+            for e in range(n)
+            for name, rows in halves
+        ]
+
     # ---- reading -------------------------------------------------------------------------------
     def read_linear(self, ckpt: Checkpoint, linear: LinearPlan) -> QuantizedLinear:
         """The stored scale is the multiplier in all three layouts; e8m0 bytes are decoded to ``2**(b-127)``
@@ -383,6 +449,9 @@ class Fp8Reader:
         if linear.weight_scale.dtype in E8M0_DTYPES:
             return read_linear_default(ckpt, linear, scale=decode_e8m0(ckpt.load(linear.weight_scale.key)))
         return read_linear_default(ckpt, linear)
+
+
+FUSED_EXPERTS = re.compile(r"^(?P<parent>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
 
 
 def decode_e8m0(raw: torch.Tensor) -> torch.Tensor:

@@ -740,17 +740,49 @@ def test_tensors_the_layout_does_not_have(write, tmp_path: Path, variant: str, e
     _refused(src, tmp_path, UnsupportedSchemeError, f"{mod}.{extra} (model.safetensors): ", fragment)
 
 
-def test_fused_3d_experts_are_refused(write, tmp_path: Path) -> None:
-    """transformers 5 / Mistral-4 fused `experts.gate_up_proj [E, 2I, H]` is not read (never silently copied)."""
+def _fuse_experts(tensors: dict[str, torch.Tensor], scale_name: str, layers: int, experts: int) -> None:
+    """Rewrite per-expert tensors into transformers 5's fused layout (gate_up_proj [E, 2I, H], down_proj)."""
+    for i in range(layers):
+        p = f"model.layers.{i}.mlp.experts"
+        for fused, parts in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+            ws, ss = [], []
+            for e in range(experts):
+                ws.append(torch.cat([tensors.pop(f"{p}.{e}.{q}.weight").view(torch.uint8) for q in parts]))
+                ss.append(torch.cat([tensors.pop(f"{p}.{e}.{q}.weight_scale_inv") for q in parts]))
+            tensors[f"{p}.{fused}"] = torch.stack(ws).view(torch.float8_e4m3fn)
+            tensors[f"{p}.{fused}_{scale_name}"] = torch.stack(ss)
+
+
+@pytest.mark.parametrize("scale_name", ["scale_inv", "weight_scale_inv"])
+def test_fused_3d_experts_split_per_expert(write, tmp_path: Path, scale_name: str) -> None:
+    """transformers 5 fused `experts.gate_up_proj [E, 2I, H]` + `_scale_inv [E, ...]` (block 128): split into
+    per-expert gate/up/down linears, giving byte-identical outputs to the per-expert checkpoint."""
+    dims = {"hidden": 128, "moe_intermediate": 128, "intermediate": 256, "vocab": 64}
+    tensors, config = fp8_tensors("qwen3-moe-block", **dims)
+    per_expert = write(tensors, config)
+    _fuse_experts(tensors, scale_name, layers=2, experts=4)
+    fused = write(tensors, config)
+    a = convert(per_expert, tmp_path / "a", CPU)
+    b = convert(fused, tmp_path / "b", CPU)
+    assert a["layers"] == b["layers"] and len(b["layers"]) == 2 * (4 + 4 * 3)
+    _, out_a = _out(tmp_path / "a")
+    _, out_b = _out(tmp_path / "b")
+    assert out_a.keys() == out_b.keys() and all(torch.equal(out_a[k], out_b[k]) for k in out_a)
+
+
+def test_fused_3d_experts_not_splittable_are_refused(write, tmp_path: Path) -> None:
+    """gate_up rows that do not split at a 128-row scale block, and fused tensors with other names."""
     tensors, config = fp8_tensors("qwen3-moe-block", **SMALL)
     tensors["model.layers.0.mlp.experts.gate_up_proj"] = torch.zeros(4, 64, 64).to(torch.float8_e4m3fn)
     tensors["model.layers.0.mlp.experts.gate_up_proj_scale_inv"] = torch.ones(4, 1, 1)
+    tensors["model.layers.0.mlp.mixer"] = torch.zeros(4, 8, 8).to(torch.float8_e4m3fn)
     src = write(tensors, config)
     _refused(
         src,
         tmp_path,
         UnsupportedSchemeError,
-        "model.layers.0.mlp.experts.gate_up_proj (model.safetensors): fp8 tensor that is not a linear weight",
+        "model.layers.0.mlp.experts.gate_up_proj (model.safetensors): gate_up rows 64 do not split",
+        "model.layers.0.mlp.mixer (model.safetensors): a fused 3-D fp8 tensor that is not experts.gate_up_proj",
     )
 
 

@@ -1,29 +1,39 @@
 """The ``fp8convert`` command line: the only module that prints, sets up logging and maps errors to exit
 codes. Commands parse, call the library, and render a human summary or exactly one JSON document.
 
-Exit codes: 0 ok, 1 conversion error (bad input, unsupported layout, output problem), 2 usage error,
-3 verification failed.
+Exit codes: EXIT_CODES_HELP (the epilog of every command's --help) and fp8convert.errors.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import os
+import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from fp8convert import __version__
-from fp8convert.errors import EXIT_ERROR, Fp8ConvertError
+from fp8convert.errors import EXIT_ERROR, EXIT_INTERRUPTED, Fp8ConvertError
+
+if TYPE_CHECKING:
+    from fp8convert.hub import Pulled
+    from fp8convert.pipeline import ConvertOptions
 
 EXIT_CODES_HELP = """\b
 Exit codes: 0 ok, 1 conversion error (bad input, unsupported layout,
-output problem), 2 usage error, 3 verification failed."""
+output problem), 2 usage error, 3 verification failed.
+Hub (pull, pull-and-convert): 4 wrong input (repo, revision, token,
+access, not cached while offline, no safetensors), 5 network failure
+(run again: finished files are kept), 130 interrupted (run again)."""
 
 
 def _setup_logging(quiet: bool, verbose: int) -> None:
@@ -91,6 +101,7 @@ def main() -> None:
     \b
     fp8convert inspect ./Llama-FP8                  # what is it, what would convert do
     fp8convert convert ./Llama-FP8 out/             # -> out/aiu, out/cpu, out/fp8convert-report.json
+    fp8convert pull-and-convert ORG/MODEL-FP8 out/  # the same, from the Hugging Face Hub
     fp8convert verify out/                          # checksums, spec, numbers, IBM's loader
     fp8convert smoke-test out/cpu                   # run a prompt on CPU
     fp8convert demo demo-out/                       # all of the above on a bundled tiny model
@@ -157,50 +168,36 @@ def _targets(value: str) -> frozenset | None:
         raise click.BadParameter(f"{value!r}: use aiu, cpu or aiu,cpu") from None
 
 
-@main.command(epilog=EXIT_CODES_HELP)
-@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option(
-    "--target",
-    "target",
-    default="auto",
-    show_default=True,
-    help="What to write: aiu, cpu, or aiu,cpu. auto: both when the AIU stack can load the architecture "
-    "(Llama, Granite), else cpu alone.",
-)
-@click.option("--overwrite", is_flag=True, help="Replace OUT/aiu, OUT/cpu and the report if OUT is not empty.")
-@click.option(
-    "--quantize-unquantized",
-    is_flag=True,
-    help="Quantize full-precision decoder linears per channel (the AIU stack cannot keep them).",
-)
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
-@_format_option
-@common
-def convert(
-    source: Path,
-    out: Path,
-    target: str,
-    overwrite: bool,
-    quantize_unquantized: bool,
-    max_shard_size: str,
-    fmt: str | None,
-    progress: bool,
-) -> tuple[dict, str]:
-    """Convert SOURCE (a local checkpoint directory) into OUT/aiu, OUT/cpu and OUT/fp8convert-report.json.
+def _convert_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The conversion options shared by ``convert`` and ``pull-and-convert`` (parsed by :func:`_options`)."""
+    func = _format_option(func)
+    func = click.option(
+        "--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB."
+    )(func)
+    func = click.option(
+        "--quantize-unquantized",
+        is_flag=True,
+        help="Quantize full-precision decoder linears per channel (the AIU stack cannot keep them).",
+    )(func)
+    func = click.option(
+        "--overwrite", is_flag=True, help="Replace OUT/aiu, OUT/cpu and the report if OUT is not empty."
+    )(func)
+    return click.option(
+        "--target",
+        "target",
+        default="auto",
+        show_default=True,
+        help="What to write: aiu, cpu, or aiu,cpu. auto: both when the AIU stack can load the architecture "
+        "(Llama, Granite), else cpu alone.",
+    )(func)
 
-    Everything is validated before anything is written; all problems are listed at once. The source is
-    never modified; the output appears atomically.
 
-    \b
-    fp8convert convert ./Llama-3.1-8B-FP8-dynamic out/
-    fp8convert convert ./model out/ --target cpu --overwrite
-    fp8convert convert ./model out/ --json > result.json
-    """
+def _options(
+    *, target: str, overwrite: bool, quantize_unquantized: bool, max_shard_size: str, fmt: str | None, progress: bool
+) -> ConvertOptions:
     from fp8convert.pipeline import ConvertOptions
-    from fp8convert.pipeline import convert as run
 
-    options = ConvertOptions(
+    return ConvertOptions(
         targets=_targets(target),
         overwrite=overwrite,
         format=fmt,
@@ -208,7 +205,9 @@ def convert(
         max_shard_bytes=_size(max_shard_size),
         progress=progress,
     )
-    report = run(source, out, options)
+
+
+def _convert_summary(report: dict, out: Path) -> list[str]:
     s = report["summary"]
     lines = [
         f"Converted {report['source']['path']} ({report['source']['format']}) -> {out}",
@@ -224,7 +223,29 @@ def convert(
     if report["options"].get("aiu_skipped"):
         lines.append(f"  AIU artifact not written: {report['options']['aiu_skipped']}")
     lines.append(f"  report: {Path(out) / 'fp8convert-report.json'}")
-    return {"command": "convert", "ok": True, "output": str(out), **report}, "\n".join(lines)
+    return lines
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@_convert_options
+@common
+def convert(source: Path, out: Path, progress: bool, **options: Any) -> tuple[dict, str]:
+    """Convert SOURCE (a local checkpoint directory) into OUT/aiu, OUT/cpu and OUT/fp8convert-report.json.
+
+    Everything is validated before anything is written; all problems are listed at once. The source is
+    never modified; the output appears atomically.
+
+    \b
+    fp8convert convert ./Llama-3.1-8B-FP8-dynamic out/
+    fp8convert convert ./model out/ --target cpu --overwrite
+    fp8convert convert ./model out/ --json > result.json
+    """
+    from fp8convert.pipeline import convert as run
+
+    report = run(source, out, _options(progress=progress, **options))
+    return {"command": "convert", "ok": True, "output": str(out), **report}, "\n".join(_convert_summary(report, out))
 
 
 def _size(text: str) -> int:
@@ -353,6 +374,123 @@ def demo(out: Path, overwrite: bool, progress: bool) -> tuple[dict, str]:
         "verify": checked,
         "smoke_test": smoke,
     }, "\n".join(lines)
+
+
+# ---- the Hub ------------------------------------------------------------------------------------------------
+HUB_OPTIONS = ("revision", "local_dir", "offline", "token_file")
+
+
+def _hub_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--revision, --local-dir, --offline, --token-file (HUB_OPTIONS): shared by ``pull`` and ``pull-and-convert``."""
+    func = click.option(
+        "--token-file",
+        type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        help="Read the Hub token from this file (never from the command line). Default: HF_TOKEN or the login.",
+    )(func)
+    func = click.option("--offline", is_flag=True, help="Use the local cache only (as HF_HUB_OFFLINE=1 does).")(func)
+    func = click.option(
+        "--local-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Download into this directory (plain files) instead of the Hugging Face cache.",
+    )(func)
+    return click.option(
+        "--revision", default="main", show_default=True, help="Branch, tag or commit sha (resolved to the sha first)."
+    )(func)
+
+
+@contextmanager
+def _exit_on_interrupt(command: str, what: str) -> Iterator[None]:
+    """Ctrl-C exits at once with a message (huggingface_hub's download threads would otherwise finish their files
+    first); the download resumes when the same command runs again."""
+    message = f"Interrupted while downloading {what}; finished files are kept. Run the same command again to resume."
+
+    def handler(signum: int, frame: object) -> None:
+        if click.get_current_context().params.get("as_json"):
+            error = {"type": "Interrupted", "message": message, "exit_code": EXIT_INTERRUPTED}
+            sys.stdout.write(json.dumps({"command": command, "ok": False, "error": error}) + "\n")
+            sys.stdout.flush()
+        sys.stderr.write(f"\n{message}\n")
+        sys.stderr.flush()
+        os._exit(EXIT_INTERRUPTED)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _pull(command: str, repo_id: str, progress: bool, *, revision: str, token_file: Path | None, **kw: Any) -> Pulled:
+    from fp8convert import hub
+
+    token = hub.read_token_file(token_file) if token_file else None
+    with _exit_on_interrupt(command, f"{repo_id}@{revision}"):
+        return hub.pull(repo_id, revision=revision, token=token, progress=progress, **kw)
+
+
+def _pull_summary(pulled: Pulled) -> list[str]:
+    files: dict[str, int] = pulled.to_dict()["files"]  # type: ignore[assignment]
+    where = "from the local cache (no request to the Hub)" if pulled.from_cache else f"from {pulled.endpoint}"
+    lines = [
+        f"Pulled {pulled.repo}@{pulled.revision} (commit {pulled.sha}) -> {pulled.path}",
+        f"  {len(files)} files, {sum(files.values()):,} bytes, {where}",
+    ]
+    return lines + [f"  note: {note}" for note in pulled.notes]
+
+
+@main.command(epilog=EXIT_CODES_HELP)
+@click.argument("repo_id")
+@_hub_options
+@common
+def pull(repo_id: str, progress: bool, **hub_options: Any) -> tuple[dict, str]:
+    """Download what conversion needs from a Hub model repo: safetensors, index, config and tokenizer files.
+
+    Pickles and GGUF are never requested. The revision is resolved to its commit sha first. Honours
+    HF_ENDPOINT (mirrors), HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN. Running the same command
+    again resumes an interrupted download; finished files are not fetched again.
+
+    \b
+    fp8convert pull RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8
+    fp8convert pull ORG/MODEL --revision v1.0 --local-dir ./model --token-file ~/.hf-token
+    HF_HUB_OFFLINE=1 fp8convert pull ORG/MODEL --json
+    """
+    pulled = _pull("pull", repo_id, progress, **hub_options)
+    lines = _pull_summary(pulled) + [f"  next: fp8convert convert {pulled.path} OUT"]
+    return {"command": "pull", "ok": True, **pulled.to_dict()}, "\n".join(lines)
+
+
+@main.command("pull-and-convert", epilog=EXIT_CODES_HELP)
+@click.argument("repo_id")
+@click.argument("out", type=click.Path(path_type=Path))
+@_hub_options
+@_convert_options
+@common
+def pull_and_convert(repo_id: str, out: Path, progress: bool, **options: Any) -> tuple[dict, str]:
+    """Download REPO_ID from the Hub (what conversion needs) and convert it into OUT/aiu, OUT/cpu and
+    OUT/fp8convert-report.json, which records the repo and the commit sha.
+
+    OUT is checked before anything is downloaded. After an interruption, run the same command again: the
+    download resumes, then the conversion runs.
+
+    \b
+    fp8convert pull-and-convert RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8 out/
+    fp8convert pull-and-convert ORG/MODEL out/ --revision <40-hex sha> --target cpu
+    fp8convert pull-and-convert ORG/MODEL out/ --offline --json > result.json
+    """
+    from fp8convert import hub
+    from fp8convert.pipeline import check_output
+    from fp8convert.pipeline import convert as run
+
+    hub_options = {name: options.pop(name) for name in HUB_OPTIONS}
+    convert_options = _options(progress=progress, **options)
+    check_output(hub_options["local_dir"] or hub.storage_dir(repo_id), out, convert_options.overwrite)
+    pulled = _pull("pull-and-convert", repo_id, progress, **hub_options)
+    convert_options = dataclasses.replace(
+        convert_options, repo=pulled.repo, revision=pulled.sha, requested_revision=pulled.revision
+    )
+    report = run(pulled.path, out, convert_options)
+    doc = {"command": "pull-and-convert", "ok": True, "output": str(out), "pull": pulled.to_dict(), **report}
+    return doc, "\n".join(_pull_summary(pulled) + _convert_summary(report, out))
 
 
 if __name__ == "__main__":  # pragma: no cover

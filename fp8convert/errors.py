@@ -10,6 +10,9 @@ EXIT_OK = 0
 EXIT_ERROR = 1  # conversion error: bad input, unsupported layout, output problem
 EXIT_USAGE = 2  # click's own usage errors
 EXIT_VERIFY = 3  # verification failed
+EXIT_INPUT = 4  # Hub: your input is wrong (repo, revision, token, access, nothing cached offline, no safetensors)
+EXIT_NETWORK = 5  # Hub: the network or the Hub failed (unreachable, timeout, 5xx, cut transfer): run again
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
 
 
 class Fp8ConvertError(Exception):
@@ -83,7 +86,51 @@ class OutputError(Fp8ConvertError, OSError):
 
 
 class HubError(Fp8ConvertError, OSError):
-    """Downloading from the Hugging Face Hub failed."""
+    """Downloading from the Hugging Face Hub failed. Rendered on one line: what happened, then what to do."""
+
+    def render(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        return text + (f". Fix: {self.hint}" if self.hint else "")
+
+
+class HubInputError(HubError):
+    """The request cannot succeed as given: wrong repo id, revision, token or access (exit code 4)."""
+
+    exit_code = EXIT_INPUT
+
+
+class RepoNotFoundError(HubInputError):
+    """No such repository, or it is private and the token (if any) has no access to it."""
+
+
+class RepoGatedError(HubInputError):
+    """The repository is gated: its conditions must be accepted on the Hub, and a token with access passed."""
+
+
+class UnknownRevisionError(HubInputError):
+    """The branch, tag or commit does not exist in the repository."""
+
+
+class HubTokenError(HubInputError):
+    """The Hub rejected the token, or the token file is unusable."""
+
+
+class NotCachedError(HubInputError):
+    """Offline (``--offline`` or ``HF_HUB_OFFLINE=1``) and the snapshot is not (completely) in the local cache."""
+
+
+class NoSafetensorsError(HubInputError):
+    """The repository publishes no ``*.safetensors`` weights (fp8convert never downloads pickles or GGUF)."""
+
+
+class HubNetworkError(HubError):
+    """The Hub could not be reached, timed out, failed (5xx) or cut a transfer; running again resumes (exit 5)."""
+
+    exit_code = EXIT_NETWORK
+
+
+class DiskFullError(HubError):
+    """No space left where the download is written (exit code 1)."""
 
 
 class RecipeError(Fp8ConvertError, ValueError):

@@ -71,6 +71,10 @@ class ConvertOptions:
     quantize_unquantized: bool = False
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     progress: bool = False
+    #: where the source came from (pull-and-convert): Hub repo id, resolved commit sha, revision as requested
+    repo: str | None = None
+    revision: str | None = None
+    requested_revision: str | None = None
 
 
 # ---- opening and planning ---------------------------------------------------------------------------
@@ -393,8 +397,9 @@ def build_report(
         },
         "source": {
             "path": str(src),
-            "repo": None,
-            "revision": None,
+            "repo": options.repo,
+            "revision": options.revision,
+            "requested_revision": options.requested_revision,
             "format": plan.format,
             "rule": plan.rule,
             "evidence": plan.evidence,

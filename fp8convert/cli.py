@@ -6,26 +6,21 @@ Exit codes: EXIT_CODES_HELP (the epilog of every command's --help) and fp8conver
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
-import os
-import signal
 import sys
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from fp8convert import __version__
-from fp8convert.errors import EXIT_ERROR, EXIT_INTERRUPTED, Fp8ConvertError
+from fp8convert.errors import EXIT_ERROR, Fp8ConvertError
 
 if TYPE_CHECKING:
-    from fp8convert.hub import Pulled
     from fp8convert.pipeline import ConvertOptions
 
 EXIT_CODES_HELP = """\b
@@ -121,21 +116,35 @@ def _format_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @main.command(epilog=EXIT_CODES_HELP)
-@click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("source")
 @_format_option
+@click.option("--revision", default=None, help="With a Hub repo id: the branch, tag or sha to inspect (default main).")
+@click.option(
+    "--emit-recipe",
+    "recipe_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a recipe pinning this source (repo, commit sha, layout, targets) to this file.",
+)
 @common
-def inspect(source: Path, fmt: str | None, progress: bool) -> tuple[dict, str]:
+def inspect(
+    source: str, fmt: str | None, revision: str | None, recipe_out: Path | None, progress: bool
+) -> tuple[dict, str]:
     """Show the layout, the evidence, each linear's scheme, and what conversion would do.
 
-    Reads config files and safetensors headers only.
+    SOURCE is a local directory (config files and safetensors headers are read, no tensor data) or a Hub repo
+    id (pulled first, into the cache).
 
     \b
     fp8convert inspect ./granite-3.3-8b-instruct-FP8
     fp8convert inspect ./model --json | jq .linears
+    fp8convert inspect ibm-granite/granite-3.3-8b-instruct-FP8 --emit-recipe recipes/granite.yaml
     """
+    path, repo, sha = _inspect_source(source, revision, progress)
     from fp8convert.pipeline import inspect_checkpoint
 
-    r = inspect_checkpoint(source, fmt)
+    r = inspect_checkpoint(path, fmt)
+    if recipe_out is not None:
+        r["recipe"] = _emit_recipe(r, recipe_out, repo, sha)
     lines = [f"{r['source']}", f"  layout:       {r['format']} ({r['rule']})"]
     lines += [f"  evidence:     {e}" for e in r["evidence"]]
     lines.append(f"  architecture: {r['architecture']}")
@@ -154,7 +163,56 @@ def inspect(source: Path, fmt: str | None, progress: bool) -> tuple[dict, str]:
         lines.append(f"  full-precision linears: {', '.join(r['unquantized_linears'])}")
     if r["kv_cache_scales"]:
         lines.append(f"  KV-cache scales: {len(r['kv_cache_scales'])} (dropped for the AIU target)")
+    if recipe_out is not None:
+        lines.append(f"  recipe written: {recipe_out}")
     return {"command": "inspect", "ok": True, **r}, "\n".join(lines)
+
+
+def _inspect_source(source: str, revision: str | None, progress: bool) -> tuple[Path, str | None, str | None]:
+    """(directory, repo, commit sha): a local directory (repo and sha known when it is a Hugging Face cache
+    snapshot ``models--ORG--NAME/snapshots/<sha>``), or a Hub repo id pulled into the cache."""
+    path = Path(source)
+    if path.is_dir():
+        cache = path.resolve()
+        if cache.parent.name == "snapshots" and cache.parent.parent.name.startswith("models--"):
+            return path, cache.parent.parent.name.removeprefix("models--").replace("--", "/", 1), cache.name
+        return path, None, None
+    if path.exists() or source.count("/") != 1:
+        raise click.BadParameter(
+            f"{source!r} is neither a checkpoint directory nor a Hub repo id (ORG/NAME)", param_hint="SOURCE"
+        )
+    from fp8convert.cli_hub import _pull
+
+    pulled = _pull(
+        "inspect", source, progress, revision=revision or "main", token_file=None, local_dir=None, offline=False
+    )
+    return pulled.path, pulled.repo, pulled.sha
+
+
+def _emit_recipe(r: dict, out: Path, repo: str | None, sha: str | None) -> str:
+    """Write the recipe of an inspected source (targets as `convert` would choose them); returns its path."""
+    from fp8convert.errors import RecipeError
+    from fp8convert.recipe import emit_recipe
+    from fp8convert.writers.aiu import AIU_ARCHITECTURES, DECODER_LINEAR
+
+    if repo is None or sha is None:
+        raise RecipeError(
+            "a recipe pins a Hub repo and commit sha, and this directory is not a Hub snapshot",
+            where=str(out),
+            hint="inspect the repo id instead: fp8convert inspect ORG/NAME --emit-recipe",
+        )
+    aiu = r["architecture"] in AIU_ARCHITECTURES  # unquantized decoder linears: quantize them (recorded)
+    text = emit_recipe(
+        repo=repo,
+        revision=sha,
+        format_name=r["format"],
+        targets=["aiu", "cpu"] if aiu else ["cpu"],
+        architecture=r["architecture"],
+        quantize_unquantized=aiu and any(DECODER_LINEAR.match(m) for m in r["unquantized_linears"]),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    return str(out)
 
 
 def _targets(value: str) -> frozenset | None:
@@ -376,122 +434,11 @@ def demo(out: Path, overwrite: bool, progress: bool) -> tuple[dict, str]:
     }, "\n".join(lines)
 
 
-# ---- the Hub ------------------------------------------------------------------------------------------------
-HUB_OPTIONS = ("revision", "local_dir", "offline", "token_file")
-
-
-def _hub_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--revision, --local-dir, --offline, --token-file (HUB_OPTIONS): shared by ``pull`` and ``pull-and-convert``."""
-    func = click.option(
-        "--token-file",
-        type=click.Path(exists=True, dir_okay=False, path_type=Path),
-        help="Read the Hub token from this file (never from the command line). Default: HF_TOKEN or the login.",
-    )(func)
-    func = click.option("--offline", is_flag=True, help="Use the local cache only (as HF_HUB_OFFLINE=1 does).")(func)
-    func = click.option(
-        "--local-dir",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Download into this directory (plain files) instead of the Hugging Face cache.",
-    )(func)
-    return click.option(
-        "--revision", default="main", show_default=True, help="Branch, tag or commit sha (resolved to the sha first)."
-    )(func)
-
-
-@contextmanager
-def _exit_on_interrupt(command: str, what: str) -> Iterator[None]:
-    """Ctrl-C exits at once with a message (huggingface_hub's download threads would otherwise finish their files
-    first); the download resumes when the same command runs again."""
-    message = f"Interrupted while downloading {what}; finished files are kept. Run the same command again to resume."
-
-    def handler(signum: int, frame: object) -> None:
-        if click.get_current_context().params.get("as_json"):
-            error = {"type": "Interrupted", "message": message, "exit_code": EXIT_INTERRUPTED}
-            sys.stdout.write(json.dumps({"command": command, "ok": False, "error": error}) + "\n")
-            sys.stdout.flush()
-        sys.stderr.write(f"\n{message}\n")
-        sys.stderr.flush()
-        os._exit(EXIT_INTERRUPTED)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _pull(command: str, repo_id: str, progress: bool, *, revision: str, token_file: Path | None, **kw: Any) -> Pulled:
-    from fp8convert import hub
-
-    token = hub.read_token_file(token_file) if token_file else None
-    with _exit_on_interrupt(command, f"{repo_id}@{revision}"):
-        return hub.pull(repo_id, revision=revision, token=token, progress=progress, **kw)
-
-
-def _pull_summary(pulled: Pulled) -> list[str]:
-    files: dict[str, int] = pulled.to_dict()["files"]  # type: ignore[assignment]
-    where = "from the local cache (no request to the Hub)" if pulled.from_cache else f"from {pulled.endpoint}"
-    lines = [
-        f"Pulled {pulled.repo}@{pulled.revision} (commit {pulled.sha}) -> {pulled.path}",
-        f"  {len(files)} files, {sum(files.values()):,} bytes, {where}",
-    ]
-    return lines + [f"  note: {note}" for note in pulled.notes]
-
-
-@main.command(epilog=EXIT_CODES_HELP)
-@click.argument("repo_id")
-@_hub_options
-@common
-def pull(repo_id: str, progress: bool, **hub_options: Any) -> tuple[dict, str]:
-    """Download what conversion needs from a Hub model repo: safetensors, index, config and tokenizer files.
-
-    Pickles and GGUF are never requested. The revision is resolved to its commit sha first. Honours
-    HF_ENDPOINT (mirrors), HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN. Running the same command
-    again resumes an interrupted download; finished files are not fetched again.
-
-    \b
-    fp8convert pull RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8
-    fp8convert pull ORG/MODEL --revision v1.0 --local-dir ./model --token-file ~/.hf-token
-    HF_HUB_OFFLINE=1 fp8convert pull ORG/MODEL --json
-    """
-    pulled = _pull("pull", repo_id, progress, **hub_options)
-    lines = _pull_summary(pulled) + [f"  next: fp8convert convert {pulled.path} OUT"]
-    return {"command": "pull", "ok": True, **pulled.to_dict()}, "\n".join(lines)
-
-
-@main.command("pull-and-convert", epilog=EXIT_CODES_HELP)
-@click.argument("repo_id")
-@click.argument("out", type=click.Path(path_type=Path))
-@_hub_options
-@_convert_options
-@common
-def pull_and_convert(repo_id: str, out: Path, progress: bool, **options: Any) -> tuple[dict, str]:
-    """Download REPO_ID from the Hub (what conversion needs) and convert it into OUT/aiu, OUT/cpu and
-    OUT/fp8convert-report.json, which records the repo and the commit sha.
-
-    OUT is checked before anything is downloaded. After an interruption, run the same command again: the
-    download resumes, then the conversion runs.
-
-    \b
-    fp8convert pull-and-convert RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8 out/
-    fp8convert pull-and-convert ORG/MODEL out/ --revision <40-hex sha> --target cpu
-    fp8convert pull-and-convert ORG/MODEL out/ --offline --json > result.json
-    """
-    from fp8convert import hub
-    from fp8convert.pipeline import check_output
-    from fp8convert.pipeline import convert as run
-
-    hub_options = {name: options.pop(name) for name in HUB_OPTIONS}
-    convert_options = _options(progress=progress, **options)
-    check_output(hub_options["local_dir"] or hub.storage_dir(repo_id), out, convert_options.overwrite)
-    pulled = _pull("pull-and-convert", repo_id, progress, **hub_options)
-    convert_options = dataclasses.replace(
-        convert_options, repo=pulled.repo, revision=pulled.sha, requested_revision=pulled.revision
-    )
-    report = run(pulled.path, out, convert_options)
-    doc = {"command": "pull-and-convert", "ok": True, "output": str(out), "pull": pulled.to_dict(), **report}
-    return doc, "\n".join(_pull_summary(pulled) + _convert_summary(report, out))
-
+# The Hub commands (pull, pull-and-convert) live in cli_hub.py; importing it registers them on ``main``.
+from fp8convert import cli_hub  # noqa: E402,F401
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m fp8convert.cli`: run the group of the imported module, on which cli_hub registered its commands
+    from fp8convert.cli import main as registered
+
+    registered()

@@ -8,7 +8,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "fp8convert"
 #: third-party modules each package module may import (stdlib and torch/safetensors are always allowed)
 ONLY_IN = {
-    "click": {"cli"},
+    "click": {"cli", "cli_hub"},
     "tqdm": {"pipeline"},
     "huggingface_hub": {"hub"},
     "yaml": {"recipe"},

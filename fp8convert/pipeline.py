@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from fp8convert import __version__
 from fp8convert.errors import CheckpointError, OutputError, combine
 from fp8convert.formats import open_source
 from fp8convert.formats.base import FormatReader
@@ -29,12 +28,11 @@ from fp8convert.normalize import (
     quantize_unquantized,
 )
 from fp8convert.numerics import fp8_nan_count, scale_problems
+from fp8convert.report import build_report
 from fp8convert.shards import (
     Checkpoint,
     OutTensor,
     copy_aux_files,
-    natural_key,
-    sha256_file,
     tensor_bytes,
     write_json,
     write_sharded,
@@ -358,94 +356,6 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
     return report
 
 
-def build_report(
-    src: Path,
-    config: dict,
-    plan: CheckpointPlan,
-    options: ConvertOptions,
-    target: tuple[Granularity, ActScheme],
-    records: dict[str, dict[str, object]],
-    passthrough: dict[str, str],
-    aux: list[str],
-    links: dict[str, str],
-    tmp: Path,
-    known: dict[str, str],
-) -> dict:
-    """The report: source and evidence, per-layer actions and errors, every lossy step, file checksums."""
-    import safetensors
-
-    layers = {m: records[m] for m in sorted(records, key=natural_key)}
-    lossy = [f"{m}: {'; '.join(map(str, r['actions']))}" for m, r in layers.items() if not r["exact"]]  # type: ignore[call-overload]
-    lossy += [f"{k}: {v}" for k, v in passthrough.items() if v != "copied"]
-    if plan.kv_scales:
-        lossy.append(
-            f"{len(plan.kv_scales)} KV-cache scale(s) dropped: the AIU stack uses KV scale 1.0 (listed under "
-            "kv_cache_scales)"
-        )
-    sqnrs = [r["sqnr_db"] for r in layers.values() if isinstance(r["sqnr_db"], float)]
-    files: dict[str, dict[str, object]] = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        digest = known.get(path.name) or sha256_file(path)  # shards were hashed while written
-        files[str(path.relative_to(tmp))] = {"sha256": digest, "size": path.stat().st_size}
-    return {
-        "fp8convert_report_version": 1,
-        "versions": {
-            "fp8convert": __version__,
-            "torch": torch.__version__.split("+")[0],
-            "safetensors": safetensors.__version__,
-            "python": sys.version.split()[0],
-        },
-        "source": {
-            "path": str(src),
-            "repo": options.repo,
-            "revision": options.revision,
-            "requested_revision": options.requested_revision,
-            "format": plan.format,
-            "rule": plan.rule,
-            "evidence": plan.evidence,
-            "architecture": (config.get("architectures") or [None])[0],
-            "quantization_config": config.get("quantization_config") or config.get("compression_config"),
-        },
-        "options": {
-            "targets": sorted(str(t) for t in options.targets or ()),
-            "format": options.format,
-            "quantize_unquantized": options.quantize_unquantized,
-            "max_shard_bytes": options.max_shard_bytes,
-        },
-        "target": {
-            "weights": str(target[0]),
-            "activations": str(target[1]),
-            "scale_dtype": "bfloat16",
-            "weight_dtype": "float8_e4m3fn",
-        },
-        "summary": {
-            "linears": len(layers),
-            "exact": sum(bool(r["exact"]) for r in layers.values()),
-            "lossy": sum(not r["exact"] for r in layers.values()),
-            "min_sqnr_db": min(sqnrs) if sqnrs else None,
-            "kv_cache_scales_dropped": len(plan.kv_scales),
-        },
-        "lossy_steps": lossy,
-        "layers": layers,
-        "kv_cache_scales": [
-            {
-                "module": k.module,
-                "kind": k.kind,
-                "key": k.key,
-                "shape": list(k.shape),
-                "dtype": k.dtype,
-                "action": "dropped (the AIU stack uses KV scale 1.0)",
-            }
-            for k in plan.kv_scales
-        ],
-        "dropped": dict(sorted(plan.dropped.items())),
-        "passthrough": dict(sorted(passthrough.items(), key=lambda kv: natural_key(kv[0]))),
-        "copied_files": aux,
-        "cpu_links": links,
-        "files": files,
-    }
-
-
 def inspect_checkpoint(
     source: str | Path, fmt: str | None = None, *, targets: frozenset[Target] = frozenset({Target.AIU, Target.CPU})
 ) -> dict:
@@ -495,4 +405,26 @@ def inspect_checkpoint(
     }
 
 
-__all__ = ["ConvertOptions", "convert", "inspect_checkpoint"]
+def pull_and_convert(
+    repo_id: str,
+    out: str | Path,
+    options: ConvertOptions = ConvertOptions(),
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    local_dir: str | Path | None = None,
+    offline: bool = False,
+) -> dict:
+    """Download what conversion needs from a Hub repo (revision resolved to its commit sha) and convert it;
+    the report records the repo and the sha. ``out`` is checked before anything is downloaded."""
+    from fp8convert import hub
+
+    check_output(Path(local_dir) if local_dir else hub.storage_dir(repo_id), Path(out).resolve(), options.overwrite)
+    pulled = hub.pull(
+        repo_id, revision=revision, local_dir=local_dir, offline=offline, token=token, progress=options.progress
+    )
+    options = dataclasses.replace(options, repo=pulled.repo, revision=pulled.sha, requested_revision=pulled.revision)
+    return convert(pulled.path, out, options)
+
+
+__all__ = ["ConvertOptions", "convert", "inspect_checkpoint", "pull_and_convert"]

@@ -324,3 +324,18 @@ def test_demo_refuses_a_non_empty_directory(tmp_path):
     assert error["type"] == "OutputError"
     assert error["message"] == "the demo directory is not empty" and error["hint"] == "pass --overwrite"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_format_names_match_the_registry():
+    from fp8convert.cli import FORMAT_NAMES
+    from fp8convert.formats import REGISTRY
+
+    assert sorted(FORMAT_NAMES) == sorted(REGISTRY)
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; from fp8convert.cli import main; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

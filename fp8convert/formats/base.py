@@ -389,6 +389,23 @@ def plan_modules(ckpt: Checkpoint, rules: LayoutRules, *, format_name: str, dete
     )
 
 
+def expert_linears(parent: str, proj: str, experts: int, out_features: int, **fields: object) -> list[LinearPlan]:
+    """Per-expert linears of a fused experts tensor: ``gate_up_proj`` (rows ``[2I]``) gives ``{parent}.{e}.gate_proj``
+    (rows ``[0, I)``) and ``up_proj`` (``[I, 2I)``); ``down_proj`` gives ``{parent}.{e}.down_proj``. ``fields`` are
+    the other ``LinearPlan`` fields, shared by every expert."""
+    half = out_features // 2
+    rows: list[tuple[str, tuple[int, int] | None]] = (
+        [("gate_proj", (0, half)), ("up_proj", (half, out_features))]
+        if proj == "gate_up_proj"
+        else [("down_proj", None)]
+    )
+    return [
+        LinearPlan(module=f"{parent}.{e}.{name}", expert=e, rows=r, **fields)  # type: ignore[arg-type]
+        for e in range(experts)
+        for name, r in rows
+    ]
+
+
 # ---- loading -----------------------------------------------------------------------------------------
 def select(
     t: torch.Tensor, lin: LinearPlan, *, per_expert: bool, row_axis: int | None, block_rows: int = 1

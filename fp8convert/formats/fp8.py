@@ -44,6 +44,7 @@ from fp8convert.formats.base import (
     Detection,
     LayoutRules,
     check_bias,
+    expert_linears,
     find_quant_config,
     linear_dims,
     matches,
@@ -418,29 +419,12 @@ class Fp8Reader:
                 "or float16. Fix: re-export the checkpoint"
             )
         act = ActScheme.DYNAMIC_GROUP if lay.kind == L2 else ActScheme.DYNAMIC_TENSOR
-        parent = m["parent"]
-        halves: list[tuple[str, tuple[int, int] | None]] = [("down_proj", None)]
-        if m["proj"] == "gate_up_proj":
-            half = out_f // 2
-            if out_f % 2 or (lay.block is not None and half % lay.block[0]):
-                raise UnsupportedSchemeError(
-                    f"{key} ({w.file}): gate_up rows {out_f} do not split into gate and up at a scale-block "
-                    f"boundary (block {lay.block}). Fix: export per-expert weights"
-                )
-            halves = [("gate_proj", (0, half)), ("up_proj", (half, out_f))]
-        return [
-            LinearPlan(
-                module=f"{parent}.{e}.{name}",
-                weight=w,
-                weight_scale=s,
-                scheme=scheme,
-                activation=act,
-                expert=e,
-                rows=rows,
+        if m["proj"] == "gate_up_proj" and (out_f % 2 or (lay.block is not None and (out_f // 2) % lay.block[0])):
+            raise UnsupportedSchemeError(
+                f"{key} ({w.file}): gate_up rows {out_f} do not split into gate and up at a scale-block "
+                f"boundary (block {lay.block}). Fix: export per-expert weights"
             )
-            for e in range(n)
-            for name, rows in halves
-        ]
+        return expert_linears(m["parent"], m["proj"], n, out_f, weight=w, weight_scale=s, scheme=scheme, activation=act)
 
     # ---- reading -------------------------------------------------------------------------------
     def read_linear(self, ckpt: Checkpoint, linear: LinearPlan) -> QuantizedLinear:

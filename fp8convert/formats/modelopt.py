@@ -36,6 +36,7 @@ from fp8convert.formats.base import (
     LayoutRules,
     check_bias,
     check_scale_dtype,
+    expert_linears,
     find_quant_config,
     matches,
     model_type,
@@ -364,26 +365,19 @@ class ModelOptReader:
             )
         act, inp = _activation(module, parts, algo, per_expert, where=where, fused=True)
         bias = check_bias(parts, (n, out_f))
-        half = out_f // 2
-        slices = (
-            [("gate_proj", (0, half)), ("up_proj", (half, out_f))] if proj == "gate_up_proj" else [("down_proj", None)]
+        return expert_linears(
+            experts,
+            proj,
+            n,
+            out_f,
+            weight=w,
+            weight_scale=s,
+            scheme=scheme,
+            activation=act,
+            input_scale=inp,
+            bias=bias,
+            transposed=bmm,
         )
-        return [
-            LinearPlan(
-                module=f"{experts}.{e}.{name}",
-                weight=w,
-                weight_scale=s,
-                scheme=scheme,
-                activation=act,
-                input_scale=inp,
-                bias=bias,
-                expert=e,
-                rows=rows,
-                transposed=bmm,
-            )
-            for e in range(n)
-            for name, rows in slices
-        ]
 
     # ---- reading -------------------------------------------------------------------------------
     def read_linear(self, ckpt: Checkpoint, linear: LinearPlan) -> QuantizedLinear:

@@ -466,7 +466,8 @@ def load_cpu_model(
     if activation_dtype != torch.bfloat16:
         for module in model.modules():
             for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-                if t.is_floating_point() and t.dtype not in (torch.float8_e4m3fn,) and t.dtype != activation_dtype:
+                # as the AIU stack does: bf16 tensors become fp16; fp32 ones (rotary tables) stay fp32
+                if t.dtype == torch.bfloat16:
                     _assign(module, name, t.detach().to(activation_dtype))
     return model.eval()
 

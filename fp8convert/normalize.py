@@ -174,10 +174,16 @@ def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme])
                 actions.append(f"scale {str(ql.scale_dtype).removeprefix('torch.')} -> bf16 (exact)")
         else:
             scale = bf16_round_up(s32)
+            # from the source codes (fnuz ones by value), so the error figures are against the source, once
+            stats = ErrorStats()
             q_new, _ = _requantize(
-                q, s32, src, scale.reshape(-1, 1) if src.granularity is Granularity.CHANNEL else scale.reshape(1), stats
+                ql.weight,
+                s32,
+                src,
+                scale.reshape(-1, 1) if src.granularity is Granularity.CHANNEL else scale.reshape(1),
+                stats,
             )
-            changed = int((q_new.view(torch.uint8) != q.view(torch.uint8)).sum())
+            changed = int((q_new.view(torch.uint8) != q.view(torch.uint8)).sum()) + changed
             actions.append(
                 f"scale {str(ql.scale_dtype).removeprefix('torch.')} -> bf16 rounded up; "
                 f"{changed} fp8 codes requantized"

@@ -88,14 +88,15 @@ def channel_scale(hp: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_nan_count(weight: torch.Tensor) -> int:
-    """Number of NaN codes in an fp8 tensor (e4m3fn: 0x7F/0xFF; fnuz: 0x80; e5m2: exponent all ones).
+    """Number of non-finite codes in an fp8 tensor (e4m3fn: NaN 0x7F/0xFF; fnuz: NaN 0x80; e5m2: NaN and inf,
+    exponent all ones).
 
     e4m3fn and fnuz are counted with ``bytes.count`` (memchr speed; a torch mask is ~10x slower).
     """
     w = weight.detach().contiguous()
-    if weight.dtype == torch.float8_e5m2:
+    if weight.dtype == torch.float8_e5m2:  # exponent all ones: NaN, and +-inf (0x7C/0xFC), non-finite too
         u = w.view(torch.uint8)
-        return int((((u & 0x7C) == 0x7C) & ((u & 0x03) != 0)).sum())
+        return int(((u & 0x7C) == 0x7C).sum())
     data = ctypes.string_at(w.data_ptr(), w.numel()) if w.numel() else b""
     if weight.dtype == torch.float8_e4m3fn:
         return data.count(b"\x7f") + data.count(b"\xff")

@@ -21,6 +21,7 @@ from fp8convert.errors import CheckpointError, OutputError, combine
 from fp8convert.formats import open_source
 from fp8convert.formats.base import FormatReader
 from fp8convert.normalize import (
+    PRIMARY,
     Normalized,
     choose_target,
     dequantize_to_bf16,
@@ -76,6 +77,19 @@ class ConvertOptions:
 
 
 # ---- opening and planning ---------------------------------------------------------------------------
+def _target(plan: CheckpointPlan, options: ConvertOptions) -> tuple[Granularity, ActScheme]:
+    """The model-wide target scheme. Heads kept in full precision do not vote; linears quantized here
+    (--quantize-unquantized) are per channel, so the whole model is."""
+    if options.quantize_unquantized and any(aiu.DECODER_LINEAR.match(m) for m in plan.unquantized_linears):
+        return PRIMARY
+    return choose_target(lin for lin in plan.linears if not _full_precision(lin))
+
+
+def _model_dtype(config: dict, to_bf16: bool) -> str:
+    """The dtype the CPU variant's non-fp8 tensors have: bfloat16 with the AIU target, else the source's."""
+    return "bfloat16" if to_bf16 else str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+
+
 def _full_precision(linear: LinearPlan) -> bool:
     return linear.module in aiu.FULL_PRECISION_MODULES or linear.module.endswith(".lm_head")
 
@@ -119,7 +133,8 @@ def validate_values(
             assert lin.input_scale is not None
             problems.append(f"{lin.input_scale.key} ({lin.input_scale.file}): {', '.join(found)} scale value(s)")
         if nan := fp8_nan_count(ql.weight):
-            problems.append(f"{lin.weight.key} ({lin.weight.file}): {nan} fp8 NaN code(s) in the weight")
+            kind = "NaN" if lin.weight.dtype != torch.float8_e5m2 else "NaN/Inf"
+            problems.append(f"{lin.weight.key} ({lin.weight.file}): {nan} fp8 {kind} code(s) in the weight")
         if on_bytes:
             on_bytes(lin.weight_nbytes)
     for kv in plan.kv_scales:
@@ -311,7 +326,7 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
         problems += validate_values(ckpt, reader, plan, bar.update)
     if problems:
         raise combine(problems, where=str(src), hint=FIX_HINT)
-    target = choose_target(plan.linears)
+    target = _target(plan, options)
     producer = _Producer(ckpt, reader, target)
     outs, fake, passthrough = _plan_outputs(ckpt, plan, producer, options)
 
@@ -327,18 +342,23 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
         work.mkdir()
         with _bar(options, "Convert", sum(t.nbytes for t in outs)) as bar:
             known = write_sharded(work, outs, max_shard_bytes=options.max_shard_bytes, on_bytes=bar.update)
-        write_json(work / "config.json", aiu.target_config(config, *target))
+        to_bf16 = Target.AIU in options.targets  # the CPU variant alone keeps the source's dtypes
+        write_json(work / "config.json", aiu.target_config(config, *target, bf16=to_bf16))
         aux = copy_aux_files(src, work)
         links: dict[str, str] = {}
         if first is Target.AIU and Target.CPU in options.targets:
-            links = write_cpu_variant(work, tmp / "cpu", cpu_plan(fake))
+            links = write_cpu_variant(work, tmp / "cpu", cpu_plan(fake, model_dtype=_model_dtype(config, to_bf16)))
         elif first is Target.CPU:
-            write_json(work / "fp8convert.json", cpu_plan(fake))
+            write_json(work / "fp8convert.json", cpu_plan(fake, model_dtype=_model_dtype(config, to_bf16)))
         report = build_report(src, config, plan, options, target, producer.records, passthrough, aux, links, tmp, known)
         report["options"]["aiu_skipped"] = aiu_skipped
         write_json(tmp / REPORT_NAME, report)
-        for name in [str(t) for t in sorted(options.targets)] + [REPORT_NAME]:
+        for name in [str(t) for t in Target] + [REPORT_NAME]:  # also drops a previous run's other target
             final = dst / name
+            if not (tmp / name).exists():
+                if final.is_dir():
+                    shutil.rmtree(final)
+                continue
             if final.is_dir():
                 shutil.rmtree(final)
             elif final.exists():
@@ -364,8 +384,8 @@ def inspect_checkpoint(
     config = plan.hf_config or config
     if plan.problems:
         raise combine(list(plan.problems), where=str(source), hint=FIX_HINT)
-    target = choose_target(plan.linears)
     options = ConvertOptions(targets=targets)
+    target = _target(plan, options)
     linears = []
     for lin in plan.linears:
         if _full_precision(lin):

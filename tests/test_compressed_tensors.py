@@ -316,3 +316,38 @@ def test_dense_format_is_decided_by_the_header(make_ct, tmp_path: Path) -> None:
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedSchemeError, match="sparse-compressed weights are not supported"):
         inspect_checkpoint(src)
+
+
+def test_quantize_unquantized_makes_the_whole_model_per_channel(make_ct, tmp_path: Path) -> None:
+    """A per-tensor static model with bf16 decoder linears: quantizing them per channel switches the model to
+    the per-channel target (one AIU group), so every scale is [out, 1] and no input_scale remains."""
+    src = make_ct(
+        "FP8",
+        hidden=64,
+        intermediate=128,
+        vocab=64,
+        ignore=["lm_head", "re:.*down_proj$"],
+        unquantized=("0.mlp.down_proj", "1.mlp.down_proj"),
+    )
+    report = convert(src, tmp_path / "out", ConvertOptions(quantize_unquantized=True))
+    assert (report["target"]["weights"], report["target"]["activations"]) == ("channel", "dynamic-token")
+    out = _aiu_tensors(tmp_path / "out")
+    scales = {k: v for k, v in out.items() if k.endswith(".weight_scale")}
+    assert len(scales) == 14 and all(v.shape == (out[k[: -len("_scale")]].shape[0], 1) for k, v in scales.items())
+    assert not [k for k in out if k.endswith("input_scale")]
+
+
+def test_overwrite_drops_the_previous_runs_other_target(make_ct, tmp_path: Path) -> None:
+    convert(make_ct("FP8_DYNAMIC", hidden=64, intermediate=128, vocab=64), tmp_path / "out")
+    qwen = make_ct("FP8_DYNAMIC", arch="qwen3", hidden=64, intermediate=128, vocab=64)
+    report = convert(qwen, tmp_path / "out", ConvertOptions(overwrite=True))
+    assert report["options"]["targets"] == ["cpu"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cpu", "fp8convert-report.json"]
+
+
+def test_cpu_only_variant_keeps_the_source_dtype() -> None:
+    from fp8convert.writers.aiu import target_config
+
+    source = {"architectures": ["Qwen3ForCausalLM"], "torch_dtype": "float16"}
+    assert target_config(source, Granularity.CHANNEL, ActScheme.DYNAMIC_TOKEN, bf16=False)["torch_dtype"] == "float16"
+    assert target_config(source, Granularity.CHANNEL, ActScheme.DYNAMIC_TOKEN)["torch_dtype"] == "bfloat16"

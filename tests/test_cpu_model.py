@@ -98,3 +98,10 @@ def test_plain_transformers_never_silently_wrong(converted: Path) -> None:
         model(x).logits.float().reshape(1, -1), ours(x).logits.float().reshape(1, -1)
     )
     assert float(cos) > 0.99
+
+
+def test_fp16_keeps_fp32_rotary_tables(converted: Path) -> None:
+    """The AIU stack casts bf16 tensors to fp16; fp32 buffers (rotary inv_freq) stay fp32."""
+    model = load_cpu_model(converted / "cpu", activation_dtype=torch.float16)
+    fp32 = {n: b.dtype for n, b in model.named_buffers() if "inv_freq" in n}
+    assert fp32 and set(fp32.values()) == {torch.float32}

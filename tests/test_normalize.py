@@ -306,3 +306,14 @@ def test_activation_upper_bound_dropped_is_reported() -> None:
     n = normalize_linear(src, PRIMARY)
     assert not n.exact and n.sqnr_db is None and n.weight_unchanged
     assert any("upper bound 1200.0 dropped" in a for a in n.actions)
+
+
+def test_fnuz_with_f32_scale_reports_error_against_the_source_once() -> None:
+    w = _all_fnuz_codes()
+    scale = torch.full((w.shape[0], 1), 0.0123457, dtype=torch.float32)  # not a bf16 value
+    n = normalize_linear(_ql(w, scale), PRIMARY)
+    hp = w.float() * scale
+    got = n.linear.weight.float() * n.linear.weight_scale.float()
+    noise = float((got.double() - hp.double()).pow(2).sum())
+    assert n.sqnr_db == pytest.approx(10 * math.log10(float(hp.double().pow(2).sum()) / noise), rel=1e-9)
+    assert n.changed_codes >= 16 and not n.exact

@@ -80,8 +80,9 @@ def architecture_problems(config: dict) -> list[str]:
     return problems
 
 
-def target_config(source: dict, weights: Granularity, activation: ActScheme) -> dict:
-    """config.json of the artifact: the source's, with the AIU quantization block and dtype bfloat16."""
+def target_config(source: dict, weights: Granularity, activation: ActScheme, *, bf16: bool = True) -> dict:
+    """config.json of the artifact: the source's, with the AIU quantization block and (``bf16``: the AIU
+    target, whose tensors are all cast to bf16) dtype bfloat16."""
     config = copy.deepcopy(source)
     config.pop("compression_config", None)
     config["quantization_config"] = quantization_config(weights, activation)
@@ -89,7 +90,7 @@ def target_config(source: dict, weights: Granularity, activation: ActScheme) -> 
         config["text_config"].pop("quantization_config", None)
     keys = [k for k in ("torch_dtype", "dtype") if k in config] or ["torch_dtype"]
     for k in keys:
-        config[k] = "bfloat16"
+        config[k] = "bfloat16" if bf16 else config.get(k, "bfloat16")
     return config
 
 

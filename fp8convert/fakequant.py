@@ -475,6 +475,12 @@ def load_cpu_model(
 def _assign(model: nn.Module, key: str, value: torch.Tensor) -> None:
     parent_name, _, name = key.rpartition(".")
     module = model.get_submodule(parent_name) if parent_name else model
+    old = module._parameters.get(name, module._buffers.get(name))
+    if old is not None and tuple(old.shape) != tuple(value.shape):
+        raise CheckpointError(
+            f"{key} has shape {list(value.shape)}, the model expects {list(old.shape)}",
+            hint="the checkpoint and fp8convert.json/config.json disagree: convert again",
+        )
     if name in module._parameters:
         module._parameters[name] = nn.Parameter(value, requires_grad=False)
     else:

@@ -85,6 +85,19 @@ def _target(plan: CheckpointPlan, options: ConvertOptions) -> tuple[Granularity,
     return choose_target(lin for lin in plan.linears if not _full_precision(lin))
 
 
+def _running(pid: str) -> bool:
+    """Whether the process that named a temporary directory is still alive (not this one)."""
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _model_dtype(config: dict, to_bf16: bool) -> str:
     """The dtype the CPU variant's non-fp8 tensors have: bfloat16 with the AIU target, else the source's."""
     return "bfloat16" if to_bf16 else str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
@@ -332,7 +345,13 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
 
     created = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
-    for stale in dst.glob(TMP_PREFIX + "*"):
+    for stale in dst.glob(TMP_PREFIX + "*"):  # left by a killed run; a live run's is refused
+        if _running(stale.name.removeprefix(TMP_PREFIX)):
+            raise OutputError(
+                "another fp8convert run is writing into this directory",
+                where=str(stale),
+                hint="wait for it to finish, or choose another output directory",
+            )
         shutil.rmtree(stale, ignore_errors=True)
     tmp = dst / f"{TMP_PREFIX}{os.getpid()}"
     tmp.mkdir()
@@ -392,6 +411,8 @@ def inspect_checkpoint(
             action = "dequantize to bf16"
         elif lin.scheme.granularity is Granularity.BLOCK:
             action = "requantize per channel (lossy; error reported)"
+        elif lin.weight.dtype != torch.float8_e4m3fn:
+            action = f"{dtype_name(lin.weight.dtype)} -> e4m3fn by value (reported)"
         elif (lin.scheme.granularity, lin.activation) == target and lin.weight_scale.dtype == torch.bfloat16:
             action = "keep (exact)"
         else:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -502,16 +505,32 @@ def test_error_without_hint(small, tmp_path, case):
 
 
 # ---- interrupted runs ----------------------------------------------------------------------------------
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def test_stale_tmp_of_a_killed_run_is_removed(small, tmp_path):
     src = small()
     out = tmp_path / "out"
-    (out / ".fp8convert-tmp-123" / "aiu").mkdir(parents=True)
-    (out / ".fp8convert-tmp-123" / "aiu" / "model-00001-of-00001.safetensors").write_bytes(b"half-written")
+    stale = out / f".fp8convert-tmp-{_dead_pid()}"
+    (stale / "aiu").mkdir(parents=True)
+    (stale / "aiu" / "model-00001-of-00001.safetensors").write_bytes(b"half-written")
     report = convert(src, out)  # the stale tmp does not count: no overwrite needed
     assert sorted(p.name for p in out.iterdir()) == ["aiu", "cpu", "fp8convert-report.json"]
     assert not any("tmp" in name for name in report["files"])
     with safe_open(str(out / "aiu" / "model-00001-of-00001.safetensors"), framework="pt") as f:
         assert f"{Q0}.weight" in f.keys()
+
+
+def test_a_concurrent_run_into_the_same_directory_is_refused(small, tmp_path):
+    src = small()
+    out = tmp_path / "out"
+    (out / f".fp8convert-tmp-{os.getppid()}").mkdir(parents=True)  # a live process's work directory
+    with pytest.raises(OutputError, match="another fp8convert run is writing into this directory"):
+        convert(src, out)
+    assert [p.name for p in out.iterdir()] == [f".fp8convert-tmp-{os.getppid()}"]
 
 
 @pytest.mark.parametrize("existing", [False, True])

@@ -105,3 +105,13 @@ def test_fp16_keeps_fp32_rotary_tables(converted: Path) -> None:
     model = load_cpu_model(converted / "cpu", activation_dtype=torch.float16)
     fp32 = {n: b.dtype for n, b in model.named_buffers() if "inv_freq" in n}
     assert fp32 and set(fp32.values()) == {torch.float32}
+
+
+def test_plan_and_tensors_that_disagree_are_refused(converted: Path) -> None:
+    plan_path = converted / "cpu" / "fp8convert.json"
+    plan = json.loads(plan_path.read_text())
+    plan["modules"]["model.layers.0.self_attn.q_proj"]["weight"] = "tensor"  # the stored scale is [out, 1]
+    plan_path.unlink()  # a hardlink-free copy: the report's checksum of the original stays as it was
+    plan_path.write_text(json.dumps(plan))
+    with pytest.raises(CheckpointError, match=r"q_proj.weight_scale has shape \[64, 1\], the model expects \[1\]"):
+        load_cpu_model(converted / "cpu")

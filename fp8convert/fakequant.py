@@ -221,6 +221,27 @@ def read_cpu_plan(path: Path) -> dict[str, Any]:
     return plan
 
 
+def _from_spec(
+    spec: dict[str, Any],
+    in_features: int,
+    out_features: int,
+    numerics: Numerics | str,
+    cache_dequantized: bool,
+    device: Any,
+) -> FakeQuantLinear:
+    """An empty FakeQuantLinear for one module entry of ``fp8convert.json``."""
+    return FakeQuantLinear(
+        in_features,
+        out_features,
+        bias=bool(spec.get("bias")),
+        weight_granularity=Granularity(spec["weight"]),
+        activation=ActScheme(spec["activation"]),
+        numerics=Numerics(numerics),
+        cache_dequantized=cache_dequantized,
+        device=device,
+    )
+
+
 def swap_linears(
     model: nn.Module,
     plan: dict[str, Any],
@@ -247,16 +268,7 @@ def swap_linears(
         if not isinstance(old, nn.Linear):
             problems.append(f"{name}: is a {type(old).__name__}, not nn.Linear")
             continue
-        new = FakeQuantLinear(
-            old.in_features,
-            old.out_features,
-            bias=bool(spec.get("bias")),
-            weight_granularity=Granularity(spec["weight"]),
-            activation=ActScheme(spec["activation"]),
-            numerics=Numerics(numerics),
-            cache_dequantized=cache_dequantized,
-            device=old.weight.device,
-        )
+        new = _from_spec(spec, old.in_features, old.out_features, numerics, cache_dequantized, old.weight.device)
         setattr(parent, child, new)
         swapped.append(name)
     if problems:
@@ -346,16 +358,7 @@ def swap_experts(
             for proj in names:
                 spec = experts[e][proj]
                 out_f, in_f = (hidden, two_i // 2) if EXPERT_ROLES[proj] == "down" else (two_i // 2, hidden)
-                projections[proj] = FakeQuantLinear(
-                    in_f,
-                    out_f,
-                    bias=bool(spec.get("bias")),
-                    weight_granularity=Granularity(spec["weight"]),
-                    activation=ActScheme(spec["activation"]),
-                    numerics=Numerics(numerics),
-                    cache_dequantized=cache_dequantized,
-                    device=device,
-                )
+                projections[proj] = _from_spec(spec, in_f, out_f, numerics, cache_dequantized, device)
                 handled.append(f"{parent_name}.{e}.{proj}")
             built.append(projections)
         grandparent, _, child = parent_name.rpartition(".")

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from hub_server import Fault, HubServer, run_cli
 
 from fp8convert.cli import main
 from fp8convert.examples import build_compressed_tensors
 from fp8convert.pipeline import ConvertOptions, convert
 from fp8convert.shards import AUX_FILES
+
+from hub_server import Fault, HubServer, run_cli
 
 pytestmark = pytest.mark.hub
 

@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from olah_mirror import olah_mirror
 
 from fp8convert.examples import build_compressed_tensors
 from fp8convert.pipeline import convert
+
+from olah_mirror import olah_mirror
 
 pytestmark = pytest.mark.mirror
 REPO = "ibm-test/tiny-granite-fp8"

@@ -7,36 +7,19 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors import safe_open
 
 from fp8convert.errors import CheckpointError
-from fp8convert.examples import TinyModel, write_checkpoint
+from fp8convert.examples import TinyModel
 from fp8convert.fakequant import FakeQuantExperts, FakeQuantLinear, load_cpu_model
 from fp8convert.pipeline import ConvertOptions, convert
 from fp8convert.spec import Target
+
+from cpu_reference import cosine, logits_vs_transformers
 
 pytestmark = pytest.mark.cpu_model
 transformers = pytest.importorskip("transformers", reason="the cpu extra (transformers) is part of the test install")
 
 DIMS = {"hidden": 64, "intermediate": 128, "vocab": 64, "experts": 4, "moe_intermediate": 32}
-
-
-def _dequantized_checkpoint(cpu_dir: Path, dst: Path, model: TinyModel) -> Path:
-    """The CPU variant's weights dequantized to bf16 (weight-only), as a plain transformers checkpoint."""
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(cpu_dir.glob("*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    out = {}
-    for key, t in tensors.items():
-        if key.endswith(("weight_scale", "input_scale")):
-            continue
-        if t.dtype == torch.float8_e4m3fn:
-            s = tensors[key + "_scale"].float()
-            t = (t.float() * (s.reshape(-1, 1) if s.numel() > 1 else s)).to(torch.bfloat16)
-        out[key] = t
-    return write_checkpoint(dst, out, model.config())
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "qwen3", "mistral"])
@@ -51,12 +34,8 @@ def test_non_aiu_architectures_get_the_cpu_variant(make_ct, tmp_path: Path, arch
     assert len(fq) == len(plan["modules"])  # names as transformers renames them (Mixtral: block_sparse_moe -> mlp)
     if arch in ("qwen3_moe", "mixtral", "deepseek_v3"):  # deepseek: layer 0 is dense
         assert sum(isinstance(m, FakeQuantExperts) for m in model.modules()) == (1 if arch == "deepseek_v3" else 2)
-    ids = torch.tensor([[1, 5, 9, 13, 2, 7, 30, 41]])
-    with torch.inference_mode():
-        got = model(ids).logits.float()
-        dense = _dequantized_checkpoint(tmp_path / "out" / "cpu", tmp_path / "dense", TinyModel(arch=arch, **DIMS))
-        ref = transformers.AutoModelForCausalLM.from_pretrained(str(dense), dtype=torch.bfloat16)(ids).logits.float()
-    cos = torch.nn.functional.cosine_similarity(got.reshape(1, -1), ref.reshape(1, -1))
+    got, ref = logits_vs_transformers(tmp_path / "out" / "cpu", tmp_path / "dense", TinyModel(arch=arch, **DIMS))
+    cos = cosine(got, ref)
     # W8A8 vs weight-only bf16 on a random tiny model: a few % relative error (NUMERICS.md), cosine ~0.999
     assert float(cos) > 0.99, float(cos)
     assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.75

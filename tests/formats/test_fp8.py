@@ -815,25 +815,12 @@ def test_per_tensor_scales_of_shape_one_are_read_like_scalars(write, tmp_path: P
 def test_cpu_variant_runs_like_the_dequantized_model(make, tmp_path: Path, variant: str) -> None:
     """The CPU variant of each non-AIU fp8-family fixture loads and agrees with transformers' own model on the
     dequantized weights (W8A8 vs weight-only on a random tiny model: cosine ~0.999, NUMERICS.md)."""
-    transformers = pytest.importorskip("transformers")
-    from fp8convert.fakequant import load_cpu_model
+    pytest.importorskip("transformers")
+    from cpu_reference import cosine, logits_vs_transformers
 
     dims = {**SMALL, "moe_intermediate": 32}
     convert(make(variant, **dims), tmp_path / "out", CPU)
-    tensors = _tensors(tmp_path / "out" / "cpu")
-    dense = {}
-    for key, t in tensors.items():
-        if key.endswith(("weight_scale", "input_scale")):
-            continue
-        if t.dtype == torch.float8_e4m3fn:
-            s = tensors[key + "_scale"].float()
-            t = (t.float() * (s.reshape(-1, 1) if s.numel() > 1 else s)).to(torch.bfloat16)
-        dense[key] = t
-    model_config = TinyModel(**{**DEFAULT_DIMS.get(variant, {}), **dims}).config()
-    ref_dir = write_checkpoint(tmp_path / "dense", dense, model_config)
-    ids = torch.tensor([[1, 5, 9, 13, 2, 7, 30, 41]])
-    with torch.inference_mode():
-        got = load_cpu_model(tmp_path / "out" / "cpu")(ids).logits.float()
-        ref = transformers.AutoModelForCausalLM.from_pretrained(str(ref_dir), dtype=torch.bfloat16)(ids).logits.float()
-    cos = torch.nn.functional.cosine_similarity(got.reshape(1, -1), ref.reshape(1, -1))
+    model = TinyModel(**{**DEFAULT_DIMS.get(variant, {}), **dims})
+    got, ref = logits_vs_transformers(tmp_path / "out" / "cpu", tmp_path / "dense", model)
+    cos = cosine(got, ref)
     assert float(cos) > 0.99, float(cos)

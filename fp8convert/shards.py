@@ -240,21 +240,26 @@ class Checkpoint:
     def ref(self, key: str) -> TensorRef:
         return self.tensors[key]
 
-    def load(self, key: str) -> torch.Tensor:
-        """Read one tensor into memory (a plain read at its offset: no mmap of the whole shard)."""
+    def load(self, key: str, index: int | None = None) -> torch.Tensor:
+        """Read one tensor into memory (a plain read at its offset: no mmap of the whole shard); with ``index``,
+        only ``tensor[index]`` (one expert of a fused ``[E, ...]`` tensor) is read."""
         ref = self.tensors[key]
-        buf = bytearray(ref.nbytes)
+        offset, nbytes, shape = ref.offset, ref.nbytes, ref.shape
+        if index is not None:
+            nbytes //= shape[0]
+            offset, shape = offset + index * nbytes, shape[1:]
+        buf = bytearray(nbytes)
         with (self.root / ref.file).open("rb") as f:
-            f.seek(ref.offset)
-            if f.readinto(buf) != ref.nbytes:
+            f.seek(offset)
+            if f.readinto(buf) != nbytes:
                 raise CheckpointError(
                     f"unexpected end of file reading {key}",
                     where=str(self.root / ref.file),
                     hint="the file is truncated: download it again",
                 )
         if not buf:
-            return torch.empty(ref.shape, dtype=ref.dtype)
-        return torch.frombuffer(buf, dtype=torch.uint8).view(ref.dtype).reshape(ref.shape)
+            return torch.empty(shape, dtype=ref.dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(ref.dtype).reshape(shape)
 
     def raw_chunks(self, key: str) -> Iterator[bytes]:
         """The tensor's bytes straight from the file, in chunks, without decoding."""

@@ -351,3 +351,14 @@ def test_cpu_only_variant_keeps_the_source_dtype() -> None:
     source = {"architectures": ["Qwen3ForCausalLM"], "torch_dtype": "float16"}
     assert target_config(source, Granularity.CHANNEL, ActScheme.DYNAMIC_TOKEN, bf16=False)["torch_dtype"] == "float16"
     assert target_config(source, Granularity.CHANNEL, ActScheme.DYNAMIC_TOKEN)["torch_dtype"] == "bfloat16"
+
+
+def test_load_one_expert_reads_only_its_slice(tmp_path: Path) -> None:
+    from fp8convert.examples import write_checkpoint
+    from fp8convert.shards import Checkpoint
+
+    fused = torch.randn(4, 8, 16).to(torch.float8_e4m3fn)
+    src = write_checkpoint(tmp_path / "src", {"experts.gate_up_proj": fused}, {"vocab_size": 8}, tokenizer=False)
+    ckpt = Checkpoint(src)
+    for e in range(4):
+        assert torch.equal(ckpt.load("experts.gate_up_proj", index=e).view(torch.uint8), fused[e].view(torch.uint8))

@@ -407,19 +407,6 @@ def expert_linears(parent: str, proj: str, experts: int, out_features: int, **fi
 
 
 # ---- loading -----------------------------------------------------------------------------------------
-def select(
-    t: torch.Tensor, lin: LinearPlan, *, per_expert: bool, row_axis: int | None, block_rows: int = 1
-) -> torch.Tensor:
-    """Slice a stored tensor to one linear: its expert (dim 0) and its rows (``row_axis``, in units of
-    ``block_rows`` for block scales)."""
-    if lin.expert is not None and per_expert:
-        t = t[lin.expert]
-    if lin.rows is not None and row_axis is not None:
-        r0, r1 = lin.rows
-        t = t.narrow(row_axis, r0 // block_rows, -(-r1 // block_rows) - r0 // block_rows)
-    return t
-
-
 def read_linear_default(ckpt: Checkpoint, lin: LinearPlan, *, scale: torch.Tensor | None = None) -> QuantizedLinear:
     """Load a linear whose scale is stored as the dequantization multiplier (every layout found).
 
@@ -427,15 +414,15 @@ def read_linear_default(ckpt: Checkpoint, lin: LinearPlan, *, scale: torch.Tenso
     replaces the stored scale tensor when the layout needs decoding first (e8m0 bytes, 4-D grids...).
     """
     out_f, in_f = lin.out_features, lin.in_features
-    stored = ckpt.load(lin.weight.key)
     fused = lin.expert is not None
-    w = select(stored, lin, per_expert=True, row_axis=None)
+    n_experts = lin.weight.shape[0]
+    w = ckpt.load(lin.weight.key, index=lin.expert)  # one expert's bytes only, never the whole fused tensor
     if lin.transposed:
         w = w.T
     if lin.rows is not None:
         w = w[lin.rows[0] : lin.rows[1]]
     s = ckpt.load(lin.weight_scale.key) if scale is None else scale
-    if fused and s.dim() > 0 and s.shape[0] == stored.shape[0] and (s.dim() > 1 or stored.shape[0] > 1):
+    if fused and s.dim() > 0 and s.shape[0] == n_experts and (s.dim() > 1 or n_experts > 1):
         s = s[lin.expert]
     g = lin.scheme.granularity
     if lin.rows is not None and g is not Granularity.TENSOR and s.numel() > 1:

@@ -77,10 +77,15 @@ class ConvertOptions:
 
 
 # ---- opening and planning ---------------------------------------------------------------------------
+def _to_quantize(plan: CheckpointPlan, options: ConvertOptions) -> list[str]:
+    """The full-precision decoder linears that --quantize-unquantized quantizes per channel."""
+    return [m for m in plan.unquantized_linears if aiu.DECODER_LINEAR.match(m)] if options.quantize_unquantized else []
+
+
 def _target(plan: CheckpointPlan, options: ConvertOptions) -> tuple[Granularity, ActScheme]:
     """The model-wide target scheme. Heads kept in full precision do not vote; linears quantized here
     (--quantize-unquantized) are per channel, so the whole model is."""
-    if options.quantize_unquantized and any(aiu.DECODER_LINEAR.match(m) for m in plan.unquantized_linears):
+    if _to_quantize(plan, options):
         return PRIMARY
     return choose_target(lin for lin in plan.linears if not _full_precision(lin))
 
@@ -211,19 +216,19 @@ class _Producer:
         if lin is None:  # unquantized decoder linear, quantized on request
             weight = self.ckpt.load(f"{module}.weight")
             bias = self.ckpt.load(f"{module}.bias") if self.ckpt.has(f"{module}.bias") else None
-            norm: Normalized | None = quantize_unquantized(module, weight, bias)
+            norm: Normalized = quantize_unquantized(module, weight, bias)
         elif _full_precision(lin):
-            w, record = dequantize_to_bf16(self.reader.read_linear(self.ckpt, lin))
+            ql = self.reader.read_linear(self.ckpt, lin)
+            w, record = dequantize_to_bf16(ql)
             self.records[module] = {"source": _describe(lin), **record}
             out = {f"{module}.weight": w}
-            if lin.bias is not None:
-                out[f"{module}.bias"] = self.ckpt.load(lin.bias.key).to(torch.bfloat16)
+            if ql.bias is not None:
+                out[f"{module}.bias"] = ql.bias.to(torch.bfloat16)
             self._live[module] = (out, set(keys))
             return out
         else:
             norm = normalize_linear(self.reader.read_linear(self.ckpt, lin), self.target)
             logger.debug("%s: %s", module, "; ".join(norm.actions) or "kept")
-        assert norm is not None
         q = norm.linear
         self.records[module] = {"source": _describe(lin) if lin else "bf16 (unquantized)", **norm.record()}
         out = {f"{module}.weight": q.weight, f"{module}.weight_scale": q.weight_scale.to(torch.bfloat16)}
@@ -263,9 +268,7 @@ def _plan_outputs(
     fake: dict[str, tuple[Granularity, ActScheme, bool]] = {}
     passthrough: dict[str, str] = {}
     replaced: set[str] = set()
-    quantize_these = (
-        [m for m in plan.unquantized_linears if aiu.DECODER_LINEAR.match(m)] if options.quantize_unquantized else []
-    )
+    quantize_these = _to_quantize(plan, options)
 
     def add_linear(lin: LinearPlan | None, module: str, out_f: int, in_f: int, has_bias: bool) -> None:
         if lin is not None and _full_precision(lin):
@@ -274,7 +277,7 @@ def _plan_outputs(
                 shape = (out_f, in_f) if key.endswith(".weight") else (out_f,)
                 outs.append(OutTensor(key, torch.bfloat16, shape, producer.tensor(lin, module, key, set(keys))))
             return
-        gran, act = (target_gran, target_act) if lin is not None else (Granularity.CHANNEL, ActScheme.DYNAMIC_TOKEN)
+        gran, act = target_gran, target_act  # per channel + per token whenever linears are quantized here
         static = act is ActScheme.STATIC_TENSOR
         keys = aiu.tensor_names(module, static_input=static, bias=has_bias)
         for key in keys:

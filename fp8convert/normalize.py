@@ -237,24 +237,15 @@ def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme])
         input_scale=input_scale,
         bias=bias,
     )
-    if lossy and stats.signal:
-        return Normalized(
-            linear=out,
-            weight_unchanged=weight_unchanged,
-            actions=actions,
-            exact=False,
-            changed_codes=changed,
-            sqnr_db=stats.sqnr_db,
-            max_rel_error=stats.max_rel,
-        )
+    weights_changed = lossy and stats.signal > 0  # SQNR only where weight values were requantized
     return Normalized(
         linear=out,
         weight_unchanged=weight_unchanged,
         actions=actions,
         exact=not lossy and act is ql.activation,
         changed_codes=changed,
-        sqnr_db=None,  # no weight value changed (only activation handling or the input scale)
-        max_rel_error=None,
+        sqnr_db=stats.sqnr_db if weights_changed else None,
+        max_rel_error=stats.max_rel if weights_changed else None,
     )
 
 

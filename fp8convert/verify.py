@@ -212,12 +212,15 @@ def _check_numbers(src: Path, ckpt: Checkpoint, report: dict, checks: _Checks, f
         stats = ErrorStats()
         stats.add(ref, got)
         measured += 1
-        if rec["sqnr_db"] is None and stats.noise != 0:
-            problems.append(f"{lin.module}: the report says the weights are exact, but {stats.changed} values differ")
-        elif rec["sqnr_db"] is not None:
+        if rec["sqnr_db"] is None:
+            if stats.noise != 0:
+                problems.append(
+                    f"{lin.module}: the report says the weights are exact, but {stats.changed} values differ"
+                )
+        else:
             sqnrs.append(stats.sqnr_db)
-        if rec["sqnr_db"] is not None and stats.sqnr_db < floor:
-            problems.append(f"{lin.module}: SQNR {stats.sqnr_db:.1f} dB < {floor} dB")
+            if stats.sqnr_db < floor:
+                problems.append(f"{lin.module}: SQNR {stats.sqnr_db:.1f} dB < {floor} dB")
     s_ckpt.close()
     checks.add(
         "numbers against the source",

@@ -2,6 +2,7 @@
 CPU fake-quant variants.
 
 The public names are imported on first use, so ``fp8convert --help`` does not pay for importing torch.
+(``verify`` is not re-exported: it would shadow the ``fp8convert.verify`` module; use ``fp8convert.verify.verify``.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ _EXPORTS = {
     "convert": "fp8convert.pipeline",
     "inspect_checkpoint": "fp8convert.pipeline",
     "pull_and_convert": "fp8convert.pipeline",
-    "verify": "fp8convert.verify",
     "smoke_test": "fp8convert.verify",
     "FakeQuantLinear": "fp8convert.fakequant",
     "load_cpu_model": "fp8convert.fakequant",
@@ -36,14 +36,13 @@ __all__ = [
     "pull_and_convert",
     "smoke_test",
     "swap_linears",
-    "verify",
 ]
 
 if TYPE_CHECKING:
     from fp8convert import errors
     from fp8convert.fakequant import FakeQuantLinear, load_cpu_model, swap_linears
     from fp8convert.pipeline import ConvertOptions, convert, inspect_checkpoint, pull_and_convert
-    from fp8convert.verify import smoke_test, verify
+    from fp8convert.verify import smoke_test
 
 
 def __getattr__(name: str) -> Any:

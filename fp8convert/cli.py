@@ -68,7 +68,8 @@ def common(func: Callable[..., Any]) -> Callable[..., Any]:
             raise  # usage errors: click prints them and exits 2
         except KeyboardInterrupt:
             click.echo(
-                "Interrupted; nothing was written at the final output path. Run the same command again.", err=True
+                "Interrupted; nothing was written at the final output path. Run the same command again to resume.",
+                err=True,
             )
             sys.exit(130)
         except Exception as exc:  # the top level: turn any bug into one line, traceback with --debug

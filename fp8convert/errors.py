@@ -6,6 +6,8 @@ problems (validation reports all of them at once) keep them in ``problems``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 EXIT_OK = 0
 EXIT_ERROR = 1  # conversion error: bad input, unsupported layout, output problem
 EXIT_USAGE = 2  # click's own usage errors
@@ -55,7 +57,7 @@ class CheckpointError(Fp8ConvertError, ValueError):
     """The source checkpoint is malformed or inconsistent."""
 
 
-def combine(problems: list[CheckpointError | str], *, where: str, hint: str) -> CheckpointError:
+def combine(problems: Sequence[CheckpointError | str], *, where: str, hint: str) -> CheckpointError:
     """One error listing every problem; its class is the problems' common class, else CheckpointError."""
     kinds = {type(p) if isinstance(p, CheckpointError) else CheckpointError for p in problems}
     cls = kinds.pop() if len(kinds) == 1 else CheckpointError

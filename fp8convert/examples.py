@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fp8convert.numerics import E4M3_MAX
-from fp8convert.shards import OutTensor, tensor_bytes, write_safetensors, write_sharded
+from fp8convert.writer import OutTensor, Sink, write_safetensors, write_sharded
 
 #: llm-compressor preset -> (weights strategy, input activations (strategy, dynamic) or None, format)
 SCHEMES: dict[str, tuple[str, tuple[str, bool] | None, str]] = {
@@ -406,8 +406,8 @@ def write_checkpoint(
     return path
 
 
-def _chunks(t: torch.Tensor) -> list[bytes]:
-    return [tensor_bytes(t)]
+def _chunks(t: torch.Tensor, sink: Sink) -> None:
+    sink.write(t)
 
 
 def build_compressed_tensors(

@@ -4,6 +4,12 @@ Target: weights e4m3fn with BF16 scales, either per-channel ``[out, 1]`` with dy
 activations (the primary scheme) or per-tensor ``[1]`` with per-tensor activations (dynamic, or static
 with a BF16 ``input_scale [1]``). Every change is recorded with its exactness; lossy ones carry SQNR and
 max relative error of the dequantized weight against the source's dequantized weight.
+
+Each linear is a job that streams: everything but the fp8 codes (scales, bias, input scale, the plan of
+what happens to the codes) is decided from the small tensors, so the weight may be a meta tensor; the
+codes are then converted row chunk by row chunk (``rows()`` / ``convert()``), and ``finish()`` returns the
+result. A job whose ``keep_codes`` is true leaves the codes as they are: the writer copies their bytes.
+``normalize_linear`` / ``dequantize_to_bf16`` / ``quantize_unquantized`` run a whole job in memory.
 """
 
 from __future__ import annotations
@@ -13,16 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fp8convert.errors import UnsupportedSchemeError
+from fp8convert.errors import CheckpointError, UnsupportedSchemeError
 from fp8convert.numerics import (
     E4M3_MAX,
     ErrorStats,
     bf16_round_up,
-    channel_scale,
-    dequantize,
-    dequantize_linear,
+    fp8_decode,
+    fp8_nan_count,
     is_exact_bf16,
-    quantize,
     row_chunks,
 )
 from fp8convert.spec import AIU_SCHEMES, ActScheme, Granularity, LinearPlan, QuantizedLinear, WeightScheme
@@ -30,6 +34,7 @@ from fp8convert.spec import AIU_SCHEMES, ActScheme, Granularity, LinearPlan, Qua
 CHANNEL = WeightScheme(granularity=Granularity.CHANNEL)
 TENSOR = WeightScheme(granularity=Granularity.TENSOR)
 PRIMARY = (Granularity.CHANNEL, ActScheme.DYNAMIC_TOKEN)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,9 +64,15 @@ class Normalized:
 
 
 def _finite(x: float | None) -> float | str | None:
+    """A report figure: inf as a string (JSON has none); finite SQNRs to 1e-6 dB, below their accuracy (fp32
+    row norms, ~1e-5 dB), so the report's bytes do not depend on how rows were chunked or threaded."""
     if x is None:
         return None
-    return x if x not in (float("inf"), float("-inf")) else ("inf" if x > 0 else "-inf")
+    return round(x, 6) if x not in (float("inf"), float("-inf")) else ("inf" if x > 0 else "-inf")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def choose_target(linears: Iterable[LinearPlan]) -> tuple[Granularity, ActScheme]:
@@ -75,225 +86,391 @@ def choose_target(linears: Iterable[LinearPlan]) -> tuple[Granularity, ActScheme
     return PRIMARY
 
 
-def _to_e4m3fn(ql: QuantizedLinear, actions: list[str]) -> tuple[torch.Tensor, bool]:
-    """fp8 codes as e4m3fn, converted by value; returns (codes, whether they needed requantization)."""
-    w = ql.weight
-    if w.dtype == torch.float8_e4m3fn:
-        return w, False
-    if w.dtype == torch.float8_e4m3fnuz:
-        actions.append("e4m3fnuz -> e4m3fn by value (same scale)")
-        return torch.clamp(w.to(torch.float32), -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), False
-    if w.dtype in (torch.float8_e5m2, torch.float8_e5m2fnuz):
-        actions.append(f"{str(w.dtype).removeprefix('torch.')} -> e4m3fn: requantized by value per channel")
-        return w, True
-    raise UnsupportedSchemeError(f"{ql.module}.weight has dtype {w.dtype}, not an fp8 dtype")
-
-
-def _dequant_rows(q: torch.Tensor, scale: torch.Tensor, scheme: WeightScheme, r0: int, r1: int) -> torch.Tensor:
-    """fp32 rows ``[r0, r1)`` of the dequantized weight (r0 aligned to the block height for BLOCK)."""
-    if scheme.granularity is Granularity.BLOCK:
-        assert scheme.block is not None
-        bo = scheme.block[0]
-        return dequantize(q[r0:r1], scale[r0 // bo : -(-r1 // bo)], scheme)
+def dequant_rows(codes: torch.Tensor, scale: torch.Tensor, scheme: WeightScheme, r0: int) -> torch.Tensor:
+    """fp32 rows ``[r0, r0 + len(codes))`` of the dequantized weight, ``fp32(q) * scale`` elementwise (one
+    rounding; exact for bf16 scales). ``scale`` is fp32 in ``scheme.scale_shape(out, in)``; for BLOCK, r0 is
+    a multiple of the block height and edge tiles are cropped (FORMATS.md 2.4). No NaN codes (checked first)."""
+    x = fp8_decode(codes)
+    rows, cols = x.shape
+    if scheme.granularity is Granularity.TENSOR:
+        return x.mul_(scale.reshape(1, 1))
     if scheme.granularity is Granularity.CHANNEL:
-        return q[r0:r1].to(torch.float32) * scale.reshape(-1, 1)[r0:r1].to(torch.float32)
-    return q[r0:r1].to(torch.float32) * scale.reshape(1, 1).to(torch.float32)
+        return x.mul_(scale.reshape(-1, 1)[r0 : r0 + rows])
+    assert scheme.block is not None
+    bo, bi = scheme.block
+    s = scale[r0 // bo : -(-(r0 + rows) // bo)]
+    if rows % bo == 0 and cols % bi == 0:  # whole tiles: broadcast, no expanded copy of the scales
+        x.view(rows // bo, bo, cols // bi, bi).mul_(s.reshape(rows // bo, 1, cols // bi, 1))
+        return x
+    return x.mul_(s.repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols])
 
 
-def _requantize(
-    q: torch.Tensor, old_scale: torch.Tensor, old: WeightScheme, new_scale: torch.Tensor | None, stats: ErrorStats
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dequantize with ``old`` and requantize to e4m3fn, in row chunks.
+def quantize_rows(hp: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3fn codes of ``hp / scale`` (fp32 division, explicit clamp to +-448, round-to-nearest-even)."""
+    return (hp / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
-    ``new_scale`` (bf16 ``[out,1]`` or ``[1]``) is computed per channel from the dequantized rows when None.
-    Returns (codes e4m3fn, new scale bf16).
+
+def requantize_rows(hp: torch.Tensor, scale: torch.Tensor, stats: ErrorStats, amax: torch.Tensor) -> torch.Tensor:
+    """``quantize_rows`` that consumes ``hp`` (divided in place) and adds the error to ``stats``, measured in
+    fp8 units (decoded codes minus ``hp / scale``) and scaled back per row: no second dequantized copy."""
+    signal = torch.linalg.vector_norm(hp, 2, dim=1)
+    t = hp.div_(scale).clamp_(-E4M3_MAX, E4M3_MAX)
+    codes = t.to(torch.float8_e4m3fn)
+    stats.add_units(signal, fp8_decode(codes).sub_(t), scale, amax)
+    return codes
+
+
+def row_amax(codes: torch.Tensor, scale: torch.Tensor, scheme: WeightScheme, r0: int) -> torch.Tensor | None:
+    """``max|dequantized|`` per row ``[rows, 1]`` from the codes' bytes: for e4m3fn the magnitude bits order
+    like the values and ``|q| * s`` rounds monotonically, so the max of the products is the product of the
+    max (per block tile). None where that does not apply (other dtypes, partial tiles)."""
+    if codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
+        return None
+    rows, cols = codes.shape
+    mags = codes.view(torch.uint8) & 0x7F
+    g = scheme.granularity
+    if g is not Granularity.BLOCK:
+        top = fp8_decode(mags.amax(dim=1, keepdim=True).view(torch.float8_e4m3fn))
+        s = scale.reshape(1, 1) if g is Granularity.TENSOR else scale.reshape(-1, 1)[r0 : r0 + rows]
+        return top * s
+    assert scheme.block is not None
+    bo, bi = scheme.block
+    if rows % bo or cols % bi:
+        return None
+    top = fp8_decode(mags.view(rows, cols // bi, bi).amax(dim=-1).view(torch.float8_e4m3fn))  # [rows, tiles]
+    s = scale[r0 // bo : (r0 + rows) // bo]
+    return (top.view(rows // bo, bo, cols // bi) * s.reshape(rows // bo, 1, cols // bi)).amax(dim=-1).view(rows, 1)
+
+
+def _channel_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Per-row fp32 scale from per-row ``max|w|``: ``amax / 448`` rounded up to bf16, 1.0 for all-zero rows."""
+    s = bf16_round_up(amax.to(torch.float32) / E4M3_MAX).to(torch.float32)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+class Job:
+    """What the pipeline needs of every job: row chunks, a converter per chunk, the report entry."""
+
+    out_features: int
+    in_features: int
+    align = 1  # row chunks start on multiples of this (the block height for block scales)
+    keep_codes = False  # the fp8 codes are written as they are in the source
+    needs_prepass = False  # rows must be seen once (``prepass``) before ``convert``
+    scale_from_rows = False  # the target weight scale is known only once every row was converted
+    bias: torch.Tensor | None = None  # bf16 target bias
+    input_scale: torch.Tensor | None = None  # bf16 target input scale (static per-tensor activations)
+
+    def rows(self) -> list[tuple[int, int]]:
+        return row_chunks(self.out_features, self.in_features, self.align)
+
+    def prepass(self, rows: torch.Tensor, r0: int) -> None:  # pragma: no cover - only jobs that need one
+        raise NotImplementedError
+
+    def convert(self, rows: torch.Tensor, r0: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def record(self) -> dict[str, object]:
+        raise NotImplementedError
+
+    def weight_scale(self) -> torch.Tensor:
+        """The bf16 target scale (after every row chunk when ``scale_from_rows``)."""
+        raise NotImplementedError
+
+
+class LinearJob(Job):
+    """One quantized linear to the target scheme (DESIGN.md 3). Modes, decided from the scales alone:
+
+    - keep: e4m3fn, channel/tensor scales exact in bf16 -> codes copied; scales cast (and broadcast);
+    - by value: e4m3fnuz with bf16-exact scales -> codes converted by value, same scale;
+    - rescale: a scale that is not a bf16 value -> rounded up to bf16, codes requantized against it;
+    - requantize: block scales or e5m2 codes -> dequantized and requantized per channel (or per tensor,
+      which needs a first pass for the amax).
     """
-    out_f, in_f = q.shape
-    codes = torch.empty((out_f, in_f), dtype=torch.float8_e4m3fn)
-    scales = []
-    for r0, r1 in row_chunks(out_f, in_f, old.block[0] if old.block else 1):
-        hp = _dequant_rows(q, old_scale, old, r0, r1)
-        if new_scale is None:
-            s_new = channel_scale(hp)
-            scales.append(s_new)
+
+    def __init__(self, ql: QuantizedLinear, target: tuple[Granularity, ActScheme]) -> None:
+        gran, act = target
+        self.ql, self.gran = ql, gran
+        self.out_features, self.in_features = ql.weight.shape
+        src, dtype = ql.scheme, ql.weight.dtype
+        if dtype not in FP8_DTYPES:
+            raise UnsupportedSchemeError(f"{ql.module}.weight has dtype {dtype}, not an fp8 dtype")
+        if gran is Granularity.TENSOR and src.granularity is not Granularity.TENSOR:
+            raise UnsupportedSchemeError(f"{ql.module}: cannot target per-tensor weights from {src.describe()}")
+        self.actions: list[str] = []
+        self.stats = ErrorStats()
+        self.changed = 0
+        self.lossy = False
+        self.by_value = dtype == torch.float8_e4m3fnuz
+        if self.by_value:
+            self.actions.append("e4m3fnuz -> e4m3fn by value (same scale)")
+        self.align = src.block[0] if src.block else 1
+        self._scales: list[torch.Tensor] = []
+        self._rescale_at: int | None = None
+        self._amax = 0.0
+        if src.granularity is Granularity.BLOCK or dtype in (torch.float8_e5m2, torch.float8_e5m2fnuz):
+            if dtype != torch.float8_e4m3fn and not self.by_value:
+                self.actions.append(f"{_name(dtype)} -> e4m3fn: requantized by value per channel")
+            if src.granularity is Granularity.BLOCK:
+                self.actions.append(
+                    f"{src.describe()} -> channel: dequantized and requantized per channel (amax/448, "
+                    "scale rounded up to bf16)"
+                )
+            self.mode, self.lossy = "requantize", True
+            self.needs_prepass = gran is Granularity.TENSOR
+            self.scale_from_rows = True
+            self.new_scale: torch.Tensor | None = None  # per row, from each chunk (or after the prepass)
         else:
-            s_new = new_scale[r0:r1] if new_scale.numel() > 1 else new_scale.reshape(1, 1)
-        codes[r0:r1] = quantize(hp, s_new.to(torch.float32))
-        stats.add(hp, codes[r0:r1].to(torch.float32) * s_new.to(torch.float32))
-    return codes, (torch.cat(scales) if new_scale is None else new_scale)
+            s32 = ql.weight_scale.to(torch.float32)
+            if is_exact_bf16(s32):
+                scale = s32.to(torch.bfloat16)
+                if ql.scale_dtype != torch.bfloat16:
+                    self.actions.append(f"scale {_name(ql.scale_dtype)} -> bf16 (exact)")
+                self.mode = "by value" if self.by_value else "keep"
+                self.keep_codes = self.mode == "keep"
+            else:
+                scale = bf16_round_up(s32)
+                self.mode, self.lossy = "rescale", True
+                self._rescale_at = len(self.actions)  # the action names the changed codes, known at the end
+                self.new_scale = scale.to(torch.float32).reshape(-1, 1)
+            if gran is Granularity.CHANNEL:
+                if src.granularity is Granularity.TENSOR:
+                    self.actions.append("per-tensor scale broadcast to per-channel [out,1] (exact)")
+                self.scale = scale.reshape(-1, 1).expand(self.out_features, 1).contiguous()
+            else:
+                self.scale = scale.reshape(1)
+        self.input_scale, self.bias = self._activation_and_bias(act)
+        self.activation = act
+
+    def _activation_and_bias(self, act: ActScheme) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        ql, input_scale = self.ql, None
+        if act is not ql.activation:
+            verb = "added" if ql.activation is ActScheme.NONE else "changed"
+            self.actions.append(
+                f"activations {ql.activation} -> {act}: activation quantization {verb} "
+                "(fms-model-optimizer runs no other combination; numerics change)"
+            )
+        elif act is ActScheme.STATIC_TENSOR:
+            assert ql.input_scale is not None
+            if is_exact_bf16(ql.input_scale):
+                input_scale = ql.input_scale.to(torch.bfloat16).reshape(1)
+            else:
+                input_scale = bf16_round_up(ql.input_scale).reshape(1)
+                rel = float((input_scale.float() - ql.input_scale).abs().max() / ql.input_scale.abs().max())
+                self.actions.append(
+                    f"input_scale -> bf16 rounded up (relative change {rel:.2e}; activation numerics change)"
+                )
+                self.lossy = True
+        if ql.act_upper_bound is not None:
+            self.actions.append(
+                f"activation scale upper bound {ql.act_upper_bound} dropped (the AIU path has none; "
+                "activation numerics change for tokens whose amax exceeds it)"
+            )
+            self.lossy = True
+        bias = None
+        if ql.bias is not None:
+            bias = ql.bias.to(torch.bfloat16)
+            if ql.bias.dtype != torch.bfloat16:
+                exact = torch.equal(bias.to(ql.bias.dtype), ql.bias)
+                self.actions.append(f"bias {_name(ql.bias.dtype)} -> bf16 ({'exact' if exact else 'rounded'})")
+                self.lossy = self.lossy or not exact
+        return input_scale, bias
+
+    # ---- the codes, row chunk by row chunk ------------------------------------------------------
+    def prepass(self, rows: torch.Tensor, r0: int) -> None:
+        """Per-tensor target from requantized codes: the amax of the whole dequantized weight first."""
+        hp = dequant_rows(rows, self.ql.weight_scale, self.ql.scheme, r0)
+        self._amax = max(self._amax, float(hp.abs().max()) if hp.numel() else 0.0)
+
+    def convert(self, rows: torch.Tensor, r0: int) -> torch.Tensor:
+        """Target e4m3fn codes of source rows ``[r0, r0 + len(rows))``."""
+        if self.mode == "keep":
+            return rows
+        src = self.ql.scheme
+        if self.mode == "by value":
+            old = dequant_rows(rows, self.ql.weight_scale, src, r0)
+            codes = fp8_decode(rows).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+            self.stats.add(old, dequant_rows(codes, self.ql.weight_scale, src, r0))
+            self.changed = self.stats.changed
+            self.lossy = self.lossy or self.changed > 0
+            return codes
+        hp = dequant_rows(rows, self.ql.weight_scale, src, r0)
+        amax = row_amax(rows, self.ql.weight_scale, src, r0)
+        if amax is None:
+            amax = hp.abs().amax(dim=1, keepdim=True)
+        if self.mode == "rescale":
+            assert self.new_scale is not None
+            s_new = self.new_scale[r0 : r0 + len(rows)] if self.new_scale.numel() > 1 else self.new_scale
+        elif self.needs_prepass:
+            if self.new_scale is None:
+                value = self._amax / E4M3_MAX if self._amax > 0 else 1.0
+                self.new_scale = bf16_round_up(torch.tensor([value])).to(torch.float32).reshape(1, 1)
+            s_new = self.new_scale
+        else:
+            s_new = _channel_scale(amax)
+            self._scales.append(s_new)
+        codes = requantize_rows(hp, s_new, self.stats, amax)
+        if self.mode == "rescale":
+            before = rows
+            if self.by_value:
+                before = fp8_decode(rows).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+                self.changed += int(torch.count_nonzero(fp8_decode(before) != fp8_decode(rows)))
+            self.changed += int(torch.count_nonzero(codes.view(torch.uint8) != before.view(torch.uint8)))
+        else:
+            self.changed = self.stats.changed
+        return codes
+
+    def finish(self, weight: torch.Tensor | None = None) -> Normalized:
+        """The result once every row chunk went through ``convert`` (``weight``: the full codes, if kept)."""
+        if self.mode == "requantize":
+            if self.gran is Granularity.TENSOR:
+                assert self.new_scale is not None
+                self.scale = self.new_scale.to(torch.bfloat16).reshape(1)
+            else:
+                self.scale = torch.cat(self._scales).to(torch.bfloat16).reshape(self.out_features, 1)
+        if self._rescale_at is not None:
+            self.actions.insert(
+                self._rescale_at,
+                f"scale {_name(self.ql.scale_dtype)} -> bf16 rounded up; {self.changed} fp8 codes requantized",
+            )
+            self._rescale_at = None
+        unchanged = self.mode == "keep" or (self.mode == "rescale" and not self.by_value and self.changed == 0)
+        out = QuantizedLinear(
+            module=self.ql.module,
+            weight=self.ql.weight if weight is None else weight,
+            weight_scale=self.scale,
+            activation=self.activation,
+            scale_dtype=torch.bfloat16,
+            scheme=CHANNEL if self.gran is Granularity.CHANNEL else TENSOR,
+            input_scale=self.input_scale,
+            bias=self.bias,
+        )
+        weights_changed = self.lossy and self.stats.signal > 0  # SQNR only where weight values were requantized
+        return Normalized(
+            linear=out,
+            weight_unchanged=unchanged,
+            actions=self.actions,
+            exact=not self.lossy and self.activation is self.ql.activation,
+            changed_codes=self.changed,
+            sqnr_db=self.stats.sqnr_db if weights_changed else None,
+            max_rel_error=self.stats.max_rel if weights_changed else None,
+        )
+
+    def record(self) -> dict[str, object]:
+        return self.finish().record()
+
+    def weight_scale(self) -> torch.Tensor:
+        return self.finish().linear.weight_scale
 
 
-def _tensor_scale(q: torch.Tensor, scale: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
-    """One bf16 scale ``[1]`` for the whole dequantized weight: amax / 448 rounded up (1.0 if all zero)."""
-    out_f, in_f = q.shape
-    amax = max(
-        (
-            float(_dequant_rows(q, scale, scheme, r0, r1).abs().max())
-            for r0, r1 in row_chunks(out_f, in_f, scheme.block[0] if scheme.block else 1)
-        ),
-        default=0.0,
-    )
-    return bf16_round_up(torch.tensor([amax / E4M3_MAX if amax > 0 else 1.0]))
+class DequantJob(Job):
+    """A quantized linear kept in full precision (``lm_head``): bf16 rows, one rounding each."""
+
+    def __init__(self, ql: QuantizedLinear) -> None:
+        self.ql = ql
+        self.out_features, self.in_features = ql.weight.shape
+        self.align = ql.scheme.block[0] if ql.scheme.block else 1
+        self.stats = ErrorStats()
+        self.bias = None if ql.bias is None else ql.bias.to(torch.bfloat16)
+
+    def convert(self, rows: torch.Tensor, r0: int) -> torch.Tensor:
+        hp = dequant_rows(rows, self.ql.weight_scale, self.ql.scheme, r0)
+        w = hp.to(torch.bfloat16)
+        self.stats.add(hp, w)
+        return w
+
+    def record(self) -> dict[str, object]:
+        exact = self.stats.noise == 0
+        return {
+            "target": "bf16 (dequantized)",
+            "exact": exact,
+            "actions": [
+                "dequantized to bf16 (the AIU stack keeps this layer in full precision)"
+                + ("" if exact else "; one bf16 rounding")
+            ],
+            "changed_codes": 0,
+            "sqnr_db": _finite(self.stats.sqnr_db),
+            "max_rel_error": self.stats.max_rel,
+        }
+
+
+class QuantizeJob(Job):
+    """A full-precision decoder linear quantized per channel (opt-in: ``--quantize-unquantized``)."""
+
+    scale_from_rows = True
+
+    def __init__(self, module: str, shape: tuple[int, int], dtype: torch.dtype, bias: torch.Tensor | None) -> None:
+        self.module, self.dtype = module, dtype
+        self.out_features, self.in_features = shape
+        self.stats = ErrorStats()
+        self._scales: list[torch.Tensor] = []
+        self.bias = None if bias is None else bias.to(torch.bfloat16)
+
+    def convert(self, rows: torch.Tensor, r0: int) -> torch.Tensor:
+        hp = rows.to(torch.float32, copy=True)
+        amax = hp.abs().amax(dim=1, keepdim=True)
+        scale = _channel_scale(amax)
+        self._scales.append(scale)
+        return requantize_rows(hp, scale, self.stats, amax)
+
+    def weight_scale(self) -> torch.Tensor:
+        return torch.cat(self._scales).to(torch.bfloat16).reshape(self.out_features, 1)
+
+    def finish(self, weight: torch.Tensor) -> Normalized:
+        lin = QuantizedLinear(
+            module=self.module,
+            weight=weight,
+            weight_scale=self.weight_scale(),
+            scheme=CHANNEL,
+            activation=PRIMARY[1],
+            scale_dtype=torch.bfloat16,
+            bias=self.bias,
+        )
+        return Normalized(
+            linear=lin,
+            weight_unchanged=False,
+            exact=False,
+            sqnr_db=self.stats.sqnr_db,
+            max_rel_error=self.stats.max_rel,
+            changed_codes=self.out_features * self.in_features,
+            actions=[
+                f"{_name(self.dtype)} linear quantized per channel (--quantize-unquantized); activations "
+                "dynamic per-token"
+            ],
+        )
+
+    def record(self) -> dict[str, object]:
+        return self.finish(torch.empty(0)).record()
+
+
+# ---- whole tensors in memory ---------------------------------------------------------------------
+def run_job(job: Job, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Run every row chunk of ``weight`` through ``job``; the converted ``[out, in]`` tensor."""
+    if weight.dtype in FP8_DTYPES and (nan := fp8_nan_count(weight)):
+        raise CheckpointError(f"{nan} fp8 NaN/Inf code(s) in the weight", hint="the checkpoint is corrupt")
+    if job.needs_prepass:
+        for r0, r1 in job.rows():
+            job.prepass(weight[r0:r1], r0)
+    out = torch.empty(weight.shape, dtype=out_dtype)
+    for r0, r1 in job.rows():
+        out[r0:r1] = job.convert(weight[r0:r1], r0)
+    return out
 
 
 def normalize_linear(ql: QuantizedLinear, target: tuple[Granularity, ActScheme]) -> Normalized:
     """Bring one linear to the target scheme with BF16 scales (DESIGN.md 3)."""
-    gran, act = target
-    actions: list[str] = []
-    q, needs_requant = _to_e4m3fn(ql, actions)
-    out_f, in_f = q.shape
-    src = ql.scheme
-    stats = ErrorStats()
-    weight_unchanged = q is ql.weight
-    lossy = False
-    changed = 0
-    if ql.weight.dtype == torch.float8_e4m3fnuz:  # by value: values below 2^-6 (fp8 units) may move
-        for r0, r1 in row_chunks(out_f, in_f, src.block[0] if src.block else 1):
-            stats.add(
-                _dequant_rows(ql.weight, ql.weight_scale, src, r0, r1), _dequant_rows(q, ql.weight_scale, src, r0, r1)
-            )
-        changed, lossy = stats.changed, stats.changed > 0
-
-    if gran is Granularity.TENSOR and src.granularity is not Granularity.TENSOR:
-        raise UnsupportedSchemeError(f"{ql.module}: cannot target per-tensor weights from {src.describe()}")
-    if src.granularity is Granularity.BLOCK or needs_requant:
-        if src.granularity is Granularity.BLOCK:
-            actions.append(
-                f"{src.describe()} -> channel: dequantized and requantized per channel (amax/448, "
-                "scale rounded up to bf16)"
-            )
-        per_tensor = _tensor_scale(ql.weight, ql.weight_scale, src) if gran is Granularity.TENSOR else None
-        q, scale = _requantize(ql.weight, ql.weight_scale, src, per_tensor, stats)
-        changed, weight_unchanged, lossy = stats.changed, False, True
-        scale = scale.reshape(1) if gran is Granularity.TENSOR else scale.reshape(out_f, 1)
-    else:
-        s32 = ql.weight_scale.to(torch.float32)
-        if is_exact_bf16(s32):
-            scale = s32.to(torch.bfloat16)
-            if ql.scale_dtype != torch.bfloat16:
-                actions.append(f"scale {str(ql.scale_dtype).removeprefix('torch.')} -> bf16 (exact)")
-        else:
-            scale = bf16_round_up(s32)
-            # from the source codes (fnuz ones by value), so the error figures are against the source, once
-            stats = ErrorStats()
-            q_new, _ = _requantize(
-                ql.weight,
-                s32,
-                src,
-                scale.reshape(-1, 1) if src.granularity is Granularity.CHANNEL else scale.reshape(1),
-                stats,
-            )
-            changed = int((q_new.view(torch.uint8) != q.view(torch.uint8)).sum()) + changed
-            actions.append(
-                f"scale {str(ql.scale_dtype).removeprefix('torch.')} -> bf16 rounded up; "
-                f"{changed} fp8 codes requantized"
-            )
-            q, weight_unchanged, lossy = q_new, weight_unchanged and changed == 0, True
-        if gran is Granularity.CHANNEL:
-            if src.granularity is Granularity.TENSOR:
-                actions.append("per-tensor scale broadcast to per-channel [out,1] (exact)")
-            scale = scale.reshape(-1, 1).expand(out_f, 1).contiguous()
-        else:
-            scale = scale.reshape(1)
-
-    input_scale = None
-    if act is not ql.activation:
-        verb = "added" if ql.activation is ActScheme.NONE else "changed"
-        actions.append(
-            f"activations {ql.activation} -> {act}: activation quantization {verb} "
-            "(fms-model-optimizer runs no other combination; numerics change)"
-        )
-    elif act is ActScheme.STATIC_TENSOR:
-        assert ql.input_scale is not None
-        if is_exact_bf16(ql.input_scale):
-            input_scale = ql.input_scale.to(torch.bfloat16).reshape(1)
-        else:
-            input_scale = bf16_round_up(ql.input_scale).reshape(1)
-            rel = float((input_scale.float() - ql.input_scale).abs().max() / ql.input_scale.abs().max())
-            actions.append(f"input_scale -> bf16 rounded up (relative change {rel:.2e}; activation numerics change)")
-            lossy = True
-    if ql.act_upper_bound is not None:
-        actions.append(
-            f"activation scale upper bound {ql.act_upper_bound} dropped (the AIU path has none; "
-            "activation numerics change for tokens whose amax exceeds it)"
-        )
-        lossy = True
-    bias = None
-    if ql.bias is not None:
-        bias = ql.bias.to(torch.bfloat16)
-        if ql.bias.dtype != torch.bfloat16:
-            exact = torch.equal(bias.to(ql.bias.dtype), ql.bias)
-            actions.append(
-                f"bias {str(ql.bias.dtype).removeprefix('torch.')} -> bf16 ({'exact' if exact else 'rounded'})"
-            )
-            lossy = lossy or not exact
-    out = QuantizedLinear(
-        module=ql.module,
-        weight=q,
-        weight_scale=scale,
-        activation=act,
-        scale_dtype=torch.bfloat16,
-        scheme=CHANNEL if gran is Granularity.CHANNEL else TENSOR,
-        input_scale=input_scale,
-        bias=bias,
-    )
-    weights_changed = lossy and stats.signal > 0  # SQNR only where weight values were requantized
-    return Normalized(
-        linear=out,
-        weight_unchanged=weight_unchanged,
-        actions=actions,
-        exact=not lossy and act is ql.activation,
-        changed_codes=changed,
-        sqnr_db=stats.sqnr_db if weights_changed else None,
-        max_rel_error=stats.max_rel if weights_changed else None,
-    )
+    job = LinearJob(ql, target)
+    if job.keep_codes:
+        return job.finish()
+    return job.finish(run_job(job, ql.weight, torch.float8_e4m3fn))
 
 
 def dequantize_to_bf16(ql: QuantizedLinear) -> tuple[torch.Tensor, dict[str, object]]:
     """A quantized linear kept in full precision (``lm_head``): bf16 ``[out, in]`` plus its report entry."""
-    hp = dequantize_linear(ql)
-    w = hp.to(torch.bfloat16)
-    stats = ErrorStats()
-    stats.add(hp, w)
-    exact = stats.noise == 0
-    return w, {
-        "target": "bf16 (dequantized)",
-        "exact": exact,
-        "actions": [
-            "dequantized to bf16 (the AIU stack keeps this layer in full precision)"
-            + ("" if exact else "; one bf16 rounding")
-        ],
-        "changed_codes": 0,
-        "sqnr_db": _finite(stats.sqnr_db),
-        "max_rel_error": stats.max_rel,
-    }
+    job = DequantJob(ql)
+    return run_job(job, ql.weight, torch.bfloat16), job.record()
 
 
 def quantize_unquantized(module: str, weight: torch.Tensor, bias: torch.Tensor | None) -> Normalized:
     """Quantize a full-precision decoder linear per channel (opt-in: ``--quantize-unquantized``)."""
-    stats = ErrorStats()
-    hp = weight.to(torch.float32)
-    scale = channel_scale(hp)
-    q = quantize(hp, scale.to(torch.float32))
-    stats.add(hp, q.to(torch.float32) * scale.to(torch.float32))
-    lin = QuantizedLinear(
-        module=module,
-        weight=q,
-        weight_scale=scale,
-        scheme=CHANNEL,
-        activation=PRIMARY[1],
-        scale_dtype=torch.bfloat16,
-        bias=None if bias is None else bias.to(torch.bfloat16),
-    )
-    return Normalized(
-        linear=lin,
-        weight_unchanged=False,
-        exact=False,
-        sqnr_db=stats.sqnr_db,
-        max_rel_error=stats.max_rel,
-        changed_codes=q.numel(),
-        actions=[
-            f"{str(weight.dtype).removeprefix('torch.')} linear quantized per channel "
-            "(--quantize-unquantized); activations dynamic per-token"
-        ],
-    )
+    job = QuantizeJob(module, (weight.shape[0], weight.shape[1]), weight.dtype, bias)
+    return job.finish(run_job(job, weight, torch.float8_e4m3fn))

@@ -5,55 +5,43 @@ atomically -> report. Returns plain dicts (the CLI renders them as text or JSON)
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
-import os
 import shutil
 import sys
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from fp8convert.errors import CheckpointError, OutputError, combine
+from fp8convert import __version__
+from fp8convert.errors import CheckpointError, Fp8ConvertError, combine
 from fp8convert.formats import open_source
 from fp8convert.formats.base import FormatReader
-from fp8convert.normalize import (
-    PRIMARY,
-    Normalized,
-    choose_target,
-    dequantize_to_bf16,
-    normalize_linear,
-    quantize_unquantized,
+from fp8convert.normalize import PRIMARY, choose_target
+from fp8convert.numerics import scale_problems
+from fp8convert.outdir import (
+    COMMIT_MARKER,
+    REPORT_NAME,
+    STATE,
+    check_output,
+    commit,
+    discard,
+    fingerprint,
+    locked,
+    os_error,
+    workdir,
 )
-from fp8convert.numerics import fp8_nan_count, scale_problems
+from fp8convert.produce import BadValues, Producer, count_nan_codes, full_precision, plan_outputs, read_scales
 from fp8convert.report import build_report
-from fp8convert.shards import (
-    Checkpoint,
-    OutTensor,
-    copy_aux_files,
-    tensor_bytes,
-    write_json,
-    write_sharded,
-)
-from fp8convert.spec import (
-    FLOAT_DTYPES,
-    ActScheme,
-    CheckpointPlan,
-    Granularity,
-    LinearPlan,
-    Target,
-    dtype_name,
-)
+from fp8convert.shards import Checkpoint, copy_aux_files, read_json, write_json
+from fp8convert.spec import ActScheme, CheckpointPlan, Granularity, Target, dtype_name
+from fp8convert.writer import Journal, write_sharded
 from fp8convert.writers import aiu
 from fp8convert.writers.cpu import cpu_plan, write_cpu_variant
 
 logger = logging.getLogger(__name__)
 
-REPORT_NAME = "fp8convert-report.json"
-TMP_PREFIX = ".fp8convert-tmp-"
 DEFAULT_SHARD_BYTES = 5_000_000_000
 FIX_HINT = (
     "fix or re-export the checkpoint (README 'Supported formats' lists what converts); if the download is "
@@ -87,29 +75,12 @@ def _target(plan: CheckpointPlan, options: ConvertOptions) -> tuple[Granularity,
     (--quantize-unquantized) are per channel, so the whole model is."""
     if _to_quantize(plan, options):
         return PRIMARY
-    return choose_target(lin for lin in plan.linears if not _full_precision(lin))
-
-
-def _running(pid: str) -> bool:
-    """Whether the process that named a temporary directory is still alive (not this one)."""
-    if not pid.isdigit() or int(pid) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return choose_target(lin for lin in plan.linears if not full_precision(lin))
 
 
 def _model_dtype(config: dict, to_bf16: bool) -> str:
     """The dtype the CPU variant's non-fp8 tensors have: bfloat16 with the AIU target, else the source's."""
     return "bfloat16" if to_bf16 else str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
-
-
-def _full_precision(linear: LinearPlan) -> bool:
-    return linear.module in aiu.FULL_PRECISION_MODULES or linear.module.endswith(".lm_head")
 
 
 def resolve_targets(options: ConvertOptions, config: dict) -> tuple[ConvertOptions, str | None]:
@@ -137,24 +108,17 @@ def target_problems(config: dict, plan: CheckpointPlan, options: ConvertOptions)
     return problems
 
 
-def validate_values(
-    ckpt: Checkpoint, reader: FormatReader, plan: CheckpointPlan, on_bytes: Callable[[int], None] | None = None
-) -> list[str]:
-    """Read every quantized tensor once: scales finite and > 0, no fp8 NaN codes, zero points zero."""
+def validate_scales(ckpt: Checkpoint, reader: FormatReader, plan: CheckpointPlan) -> list[str]:
+    """Every scale finite, > 0 and not huge; zero points zero. Reads the small tensors only (the fp8 codes
+    are checked for NaN as they stream through the conversion)."""
     problems = []
     for lin in plan.linears:
-        ql = reader.read_linear(ckpt, lin)
-        found = scale_problems(ql.weight_scale)
-        if found:
+        ql = read_scales(reader, ckpt, lin)
+        if found := scale_problems(ql.weight_scale):
             problems.append(f"{lin.weight_scale.key} ({lin.weight_scale.file}): {', '.join(found)} scale value(s)")
         if ql.input_scale is not None and (found := scale_problems(ql.input_scale)):
             assert lin.input_scale is not None
             problems.append(f"{lin.input_scale.key} ({lin.input_scale.file}): {', '.join(found)} scale value(s)")
-        if nan := fp8_nan_count(ql.weight):
-            kind = "NaN" if lin.weight.dtype != torch.float8_e5m2 else "NaN/Inf"
-            problems.append(f"{lin.weight.key} ({lin.weight.file}): {nan} fp8 {kind} code(s) in the weight")
-        if on_bytes:
-            on_bytes(lin.weight_nbytes)
     for kv in plan.kv_scales:
         if found := scale_problems(ckpt.load(kv.key)):
             problems.append(f"{kv.key} ({ckpt.ref(kv.key).file}): {', '.join(found)} KV-cache scale value(s)")
@@ -166,154 +130,30 @@ def validate_values(
     return problems
 
 
-# ---- output directory -------------------------------------------------------------------------------
-def _inside(a: Path, b: Path) -> bool:
-    return a == b or b in a.parents
-
-
-def check_output(source: Path, out: Path, overwrite: bool) -> None:
-    src, dst = source.resolve(), out.resolve()
-    if _inside(dst, src):
-        raise OutputError(
-            "the output directory is inside the source checkpoint",
-            where=str(out),
-            hint="choose an output directory outside the source; the source is never modified",
-        )
-    if _inside(src, dst):
-        raise OutputError(
-            "the source checkpoint is inside the output directory",
-            where=str(out),
-            hint="choose an output directory that does not contain the source",
-        )
-    if dst.exists() and not dst.is_dir():
-        raise OutputError(
-            "the output path exists and is not a directory",
-            where=str(out),
-            hint="choose a directory path (it is created if missing)",
-        )
-    if dst.is_dir():
-        leftovers = [p for p in dst.iterdir() if not p.name.startswith(TMP_PREFIX)]
-        if leftovers and not overwrite:
-            raise OutputError(
-                f"the output directory is not empty ({len(leftovers)} entries)",
-                where=str(out),
-                hint="pass --overwrite to replace aiu/, cpu/ and the report, or choose an empty directory",
-            )
+def weight_problems(ckpt: Checkpoint, reader: FormatReader, plan: CheckpointPlan) -> list[str]:
+    """fp8 NaN (and e5m2 Inf) codes in every quantized weight: reads all of them, row chunk by row chunk (the
+    error path). A weight that cannot be read is skipped: the header problems already say why."""
+    problems = []
+    for lin in plan.linears:
+        try:
+            nan = count_nan_codes(ckpt, reader, lin)
+        except CheckpointError:
+            continue
+        if nan:
+            kind = "NaN" if lin.weight.dtype != torch.float8_e5m2 else "NaN/Inf"
+            problems.append(f"{lin.weight.key} ({lin.weight.file}): {nan} fp8 {kind} code(s) in the weight")
+    return problems
 
 
 # ---- conversion -----------------------------------------------------------------------------------
-class _Producer:
-    """Normalizes each linear once, when its first output tensor is written, and frees it after the last."""
-
-    def __init__(self, ckpt: Checkpoint, reader: FormatReader, target: tuple[Granularity, ActScheme]) -> None:
-        self.ckpt, self.reader, self.target = ckpt, reader, target
-        self.records: dict[str, dict[str, object]] = {}
-        self._live: dict[str, tuple[dict[str, torch.Tensor], set[str]]] = {}
-
-    def _tensors(self, lin: LinearPlan | None, module: str, keys: set[str]) -> dict[str, torch.Tensor]:
-        if module in self._live:
-            return self._live[module][0]
-        if lin is None:  # unquantized decoder linear, quantized on request
-            weight = self.ckpt.load(f"{module}.weight")
-            bias = self.ckpt.load(f"{module}.bias") if self.ckpt.has(f"{module}.bias") else None
-            norm: Normalized = quantize_unquantized(module, weight, bias)
-        elif _full_precision(lin):
-            ql = self.reader.read_linear(self.ckpt, lin)
-            w, record = dequantize_to_bf16(ql)
-            self.records[module] = {"source": _describe(lin), **record}
-            out = {f"{module}.weight": w}
-            if ql.bias is not None:
-                out[f"{module}.bias"] = ql.bias.to(torch.bfloat16)
-            self._live[module] = (out, set(keys))
-            return out
-        else:
-            norm = normalize_linear(self.reader.read_linear(self.ckpt, lin), self.target)
-            logger.debug("%s: %s", module, "; ".join(norm.actions) or "kept")
-        q = norm.linear
-        self.records[module] = {"source": _describe(lin) if lin else "bf16 (unquantized)", **norm.record()}
-        out = {f"{module}.weight": q.weight, f"{module}.weight_scale": q.weight_scale.to(torch.bfloat16)}
-        if q.input_scale is not None:
-            out[f"{module}.input_scale"] = q.input_scale.to(torch.bfloat16)
-        if q.bias is not None:
-            out[f"{module}.bias"] = q.bias.to(torch.bfloat16)
-        self._live[module] = (out, set(keys))
-        return out
-
-    def tensor(self, lin: LinearPlan | None, module: str, key: str, keys: set[str]) -> Callable[[], Iterable[bytes]]:
-        def produce() -> Iterable[bytes]:
-            tensors = self._tensors(lin, module, keys)
-            data = tensor_bytes(tensors[key])
-            pending = self._live[module][1]
-            pending.discard(key)
-            if not pending:
-                del self._live[module]
-            yield data
-
-        return produce
-
-
-def _describe(lin: LinearPlan) -> str:
-    return (
-        f"{dtype_name(lin.weight.dtype)} {lin.scheme.describe()} ({dtype_name(lin.weight_scale.dtype)} scale) + "
-        f"{lin.activation} activations"
-    )
-
-
-def _plan_outputs(
-    ckpt: Checkpoint, plan: CheckpointPlan, producer: _Producer, options: ConvertOptions
-) -> tuple[list[OutTensor], dict[str, tuple[Granularity, ActScheme, bool]], dict[str, str]]:
-    """Every output tensor (name, dtype, shape, producer), the fake-quant plan, and pass-through actions."""
-    target_gran, target_act = producer.target
-    outs: list[OutTensor] = []
-    fake: dict[str, tuple[Granularity, ActScheme, bool]] = {}
-    passthrough: dict[str, str] = {}
-    replaced: set[str] = set()
-    quantize_these = _to_quantize(plan, options)
-
-    def add_linear(lin: LinearPlan | None, module: str, out_f: int, in_f: int, has_bias: bool) -> None:
-        if lin is not None and _full_precision(lin):
-            keys = [f"{module}.weight"] + ([f"{module}.bias"] if has_bias else [])
-            for key in keys:
-                shape = (out_f, in_f) if key.endswith(".weight") else (out_f,)
-                outs.append(OutTensor(key, torch.bfloat16, shape, producer.tensor(lin, module, key, set(keys))))
-            return
-        gran, act = target_gran, target_act  # per channel + per token whenever linears are quantized here
-        static = act is ActScheme.STATIC_TENSOR
-        keys = aiu.tensor_names(module, static_input=static, bias=has_bias)
-        for key in keys:
-            suffix = key.rsplit(".", 1)[-1]
-            dtype, shape = {
-                "weight": (torch.float8_e4m3fn, (out_f, in_f)),
-                "weight_scale": (torch.bfloat16, (out_f, 1) if gran is Granularity.CHANNEL else (1,)),
-                "input_scale": (torch.bfloat16, (1,)),
-                "bias": (torch.bfloat16, (out_f,)),
-            }[suffix]
-            outs.append(OutTensor(key, dtype, shape, producer.tensor(lin, module, key, set(keys))))
-        fake[module] = (gran, act, has_bias)
-
-    for lin in plan.linears:
-        add_linear(lin, lin.module, lin.out_features, lin.in_features, lin.bias is not None)
-    for module in quantize_these:
-        w = ckpt.ref(f"{module}.weight")
-        has_bias = ckpt.has(f"{module}.bias")
-        add_linear(None, module, w.shape[0], w.shape[1], has_bias)
-        replaced.update({f"{module}.weight", f"{module}.bias"})
-    to_bf16 = Target.AIU in (options.targets or ())
-    for ref in plan.passthrough:
-        if ref.key in replaced:
-            continue
-        name = plan.rename.get(ref.key, ref.key)
-        if to_bf16 and ref.dtype in FLOAT_DTYPES and ref.dtype != torch.bfloat16:
-            passthrough[name] = f"{dtype_name(ref.dtype)} -> bfloat16 (the AIU target is bf16)"
-            outs.append(OutTensor(name, torch.bfloat16, ref.shape, functools.partial(_cast_bf16, ckpt, ref.key)))
-        else:
-            passthrough[name] = "copied"
-            outs.append(OutTensor(name, ref.dtype, ref.shape, functools.partial(ckpt.raw_chunks, ref.key)))
-    return outs, fake, passthrough
-
-
-def _cast_bf16(ckpt: Checkpoint, key: str) -> list[bytes]:
-    return [tensor_bytes(ckpt.load(key).to(torch.bfloat16))]
+def _fingerprint(src: Path, options: ConvertOptions) -> str:
+    """Key of this conversion (its resumable temporary directory): source files and output-shaping options."""
+    settings = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    for transient in ("overwrite", "progress"):
+        settings.pop(transient)
+    settings["targets"] = sorted(str(t) for t in options.targets or ())
+    settings.update(fp8convert=__version__, source=str(src))
+    return fingerprint([p for p in src.iterdir() if p.is_file()], settings)
 
 
 def _bar(options: ConvertOptions, desc: str, total: int) -> tqdm:
@@ -325,8 +165,9 @@ def _bar(options: ConvertOptions, desc: str, total: int) -> tqdm:
 def convert(source: str | Path, out: str | Path, options: ConvertOptions = ConvertOptions()) -> dict:
     """Convert a local checkpoint into ``out/aiu``, ``out/cpu`` and ``out/fp8convert-report.json``.
 
-    Everything is validated before anything is written; all problems are reported in one error. The
-    output appears atomically (written under ``out/.fp8convert-tmp-*`` and renamed into place).
+    Headers and scales are validated before anything is written, fp8 codes as they stream through; all
+    problems are reported in one error. The output appears atomically (written under
+    ``out/.fp8convert-tmp-*`` and renamed into place); a killed run resumes from its last finished shard.
     """
     src, dst = Path(source).resolve(), Path(out).resolve()
     check_output(src, dst, options.overwrite)
@@ -334,68 +175,87 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
     config = plan.hf_config or source_config
     options, aiu_skipped = resolve_targets(options, config)
     assert options.targets is not None
+    key = _fingerprint(src, options)
+    check_output(src, dst, options.overwrite, key)
     if aiu_skipped:
         logger.warning("writing the CPU variant only: %s", aiu_skipped)
     problems: list[CheckpointError | str] = [*plan.problems, *target_problems(config, plan, options)]
-    total = sum(lin.weight_nbytes for lin in plan.linears)
-    with _bar(options, "Validate", total) as bar:
-        problems += validate_values(ckpt, reader, plan, bar.update)
-    if problems:
+    problems += validate_scales(ckpt, reader, plan)
+    if problems:  # report the weights' problems too, so one run lists everything
+        problems += weight_problems(ckpt, reader, plan)
         raise combine(problems, where=str(src), hint=FIX_HINT)
     target = _target(plan, options)
-    producer = _Producer(ckpt, reader, target)
-    outs, fake, passthrough = _plan_outputs(ckpt, plan, producer, options)
-
     created = not dst.exists()
-    dst.mkdir(parents=True, exist_ok=True)
-    for stale in dst.glob(TMP_PREFIX + "*"):  # left by a killed run; a live run's is refused
-        if _running(stale.name.removeprefix(TMP_PREFIX)):
-            raise OutputError(
-                "another fp8convert run is writing into this directory",
-                where=str(stale),
-                hint="wait for it to finish, or choose another output directory",
-            )
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = dst / f"{TMP_PREFIX}{os.getpid()}"
-    tmp.mkdir()
     try:
-        first = Target.AIU if Target.AIU in options.targets else Target.CPU
-        work = tmp / str(first)
-        work.mkdir()
-        with _bar(options, "Convert", sum(t.nbytes for t in outs)) as bar:
-            known = write_sharded(work, outs, max_shard_bytes=options.max_shard_bytes, on_bytes=bar.update)
-        to_bf16 = Target.AIU in options.targets  # the CPU variant alone keeps the source's dtypes
-        write_json(work / "config.json", aiu.target_config(config, *target, bf16=to_bf16))
-        aux = copy_aux_files(src, work)
-        links: dict[str, str] = {}
-        if first is Target.AIU and Target.CPU in options.targets:
-            links = write_cpu_variant(work, tmp / "cpu", cpu_plan(fake, model_dtype=_model_dtype(config, to_bf16)))
-        elif first is Target.CPU:
-            write_json(work / "fp8convert.json", cpu_plan(fake, model_dtype=_model_dtype(config, to_bf16)))
-        report = build_report(src, config, plan, options, target, producer.records, passthrough, aux, links, tmp, known)
-        report["options"]["aiu_skipped"] = aiu_skipped
-        write_json(tmp / REPORT_NAME, report)
-        for name in [str(t) for t in Target] + [REPORT_NAME]:  # also drops a previous run's other target
-            final = dst / name
-            if not (tmp / name).exists():
-                if final.is_dir():
-                    shutil.rmtree(final)
-                continue
-            if final.is_dir():
-                shutil.rmtree(final)
-            elif final.exists():
-                final.unlink()
-            os.replace(tmp / name, final)
-        tmp.rmdir()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created and dst.exists() and not any(dst.iterdir()):
-            dst.rmdir()
-        raise
-    finally:
-        ckpt.close()
+        with locked(dst):
+            tmp = workdir(dst, key)
+            if not (tmp / STATE / COMMIT_MARKER).exists():  # else: killed while committing, finish that
+                try:
+                    report = _write(src, tmp, ckpt, reader, plan, config, options, target, key)
+                    report["options"]["aiu_skipped"] = aiu_skipped
+                    write_json(tmp / REPORT_NAME, report)
+                except BadValues:
+                    discard(tmp, dst, created)
+                    raise combine(weight_problems(ckpt, reader, plan), where=str(src), hint=FIX_HINT) from None
+                except KeyboardInterrupt:
+                    raise  # the temporary directory stays: the same command resumes from it
+                except BaseException:
+                    discard(tmp, dst, created)
+                    raise
+            commit(tmp, dst)
+    except OSError as exc:
+        if isinstance(exc, Fp8ConvertError):
+            raise
+        raise os_error(exc, dst) from exc
     logger.info("wrote %s", ", ".join(str(dst / str(t)) for t in sorted(options.targets)))
-    return report
+    return read_json(dst / REPORT_NAME, what="report")
+
+
+def _write(
+    src: Path,
+    tmp: Path,
+    ckpt: Checkpoint,
+    reader: FormatReader,
+    plan: CheckpointPlan,
+    config: dict,
+    options: ConvertOptions,
+    target: tuple[Granularity, ActScheme],
+    key: str,
+) -> dict:
+    """Everything into ``tmp``: shards (resuming finished ones), config, tokenizer, CPU variant, report."""
+    assert options.targets is not None
+    producer = Producer(ckpt, reader, target)
+    to_bf16 = Target.AIU in options.targets  # the CPU variant alone keeps the source's dtypes
+    outs, fake, passthrough = plan_outputs(ckpt, plan, producer, quantize=_to_quantize(plan, options), to_bf16=to_bf16)
+    first = Target.AIU if Target.AIU in options.targets else Target.CPU
+    work = tmp / str(first)
+    journal = Journal(tmp / STATE / "journal.json", key)
+    for entry in tmp.iterdir():  # a killed run's partial files go; its finished shards are checked and kept
+        if entry.name not in (STATE, work.name):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    work.mkdir(exist_ok=True)
+    for entry in work.iterdir():
+        if entry.name not in journal.shards:
+            entry.unlink()
+    with _bar(options, "Convert", sum(t.nbytes for t in outs)) as bar:
+        known = write_sharded(
+            work,
+            outs,
+            max_shard_bytes=options.max_shard_bytes,
+            on_bytes=bar.update,
+            journal=journal,
+            notes=producer.take_notes,
+            resumed=producer.resume,
+        )
+    write_json(work / "config.json", aiu.target_config(config, *target, bf16=to_bf16))
+    aux = copy_aux_files(src, work)
+    links: dict[str, str] = {}
+    cpu = cpu_plan(fake, model_dtype=_model_dtype(config, to_bf16))
+    if first is Target.AIU and Target.CPU in options.targets:
+        links = write_cpu_variant(work, tmp / "cpu", cpu)
+    elif first is Target.CPU:
+        write_json(work / "fp8convert.json", cpu)
+    return build_report(src, config, plan, options, target, producer.records, passthrough, aux, links, tmp, known)
 
 
 def inspect_checkpoint(
@@ -410,7 +270,7 @@ def inspect_checkpoint(
     target = _target(plan, options)
     linears = []
     for lin in plan.linears:
-        if _full_precision(lin):
+        if full_precision(lin):
             action = "dequantize to bf16"
         elif lin.scheme.granularity is Granularity.BLOCK:
             action = "requantize per channel (lossy; error reported)"

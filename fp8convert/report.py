@@ -43,7 +43,7 @@ def build_report(
         )
     sqnrs = [r["sqnr_db"] for r in layers.values() if isinstance(r["sqnr_db"], float)]
     files: dict[str, dict[str, object]] = {}
-    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file() and not p.relative_to(tmp).parts[0].startswith(".")):
         digest = known.get(path.name) or sha256_file(path)  # shards were hashed while written
         files[str(path.relative_to(tmp))] = {"sha256": digest, "size": path.stat().st_size}
     return {

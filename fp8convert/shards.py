@@ -1,35 +1,31 @@
-"""safetensors I/O: header parsing without loading tensors, one-tensor reads, raw byte copies, and an
-atomic shard writer that streams tensor by tensor.
+"""safetensors input: a checkpoint's shards and index opened without loading tensors, one-tensor reads; and
+the small file helpers the writers share (JSON, tokenizer files, checksums, hardlinks).
 
-The safetensors format is an 8-byte little-endian header length, a JSON header and the raw bytes; this
-module parses headers itself so that a malformed or lying header gets an error naming the file, and it
-writes shards itself so that memory never holds a whole shard. Every written shard is re-read with the
-safetensors library before it is accepted.
+The safetensors format is an 8-byte little-endian header length, a JSON header and the raw bytes; headers are
+parsed by fp8convert.headers, so that a malformed or lying header gets an error naming the file. Writing
+shards is fp8convert.writer's.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
-import struct
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from fp8convert.errors import CheckpointError, MissingTensorError, OutputError
-from fp8convert.spec import DTYPE_TO_ST, ST_TO_DTYPE, TensorRef
+from fp8convert.errors import CheckpointError, MissingTensorError
+from fp8convert.headers import MAX_PROBLEMS, brief, brief_key, capped
+from fp8convert.headers import parse_header as parse_header  # re-exported: shards is where callers look
+from fp8convert.headers import read_json as read_json
+from fp8convert.spec import TensorRef
 
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_OR_GGUF = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".gguf")
-MAX_HEADER_BYTES = 100_000_000
 COPY_CHUNK = 8 << 20
 #: Files copied through unchanged next to the weights (never pickles).
 AUX_FILES = (
@@ -58,99 +54,34 @@ def natural_key(name: str) -> list[object]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def read_json(path: Path, *, what: str) -> dict:
+#: Files next to the weights that fp8convert reads or copies; like the shards, each must lie inside the checkpoint.
+READ_FILES = (INDEX_NAME, "config.json", "params.json", "hf_quant_config.json", *AUX_FILES)
+
+
+def _escapes(root: Path, path: Path) -> str | None:
+    """Why ``path`` (a name in ``root``) must not be read when a symlink takes it out of the checkpoint directory,
+    else None. Links into a Hugging Face cache's ``models--*/blobs/`` stay allowed: cache snapshots (and older
+    ``--local-dir`` downloads) are made of them."""
+    if not path.is_symlink():
+        return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise CheckpointError(
-            f"{what} not found",
-            where=str(path),
-            hint="point at a checkpoint directory that has it; if the download is partial, download it again",
-        ) from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(
-            f"{what} is not valid JSON ({exc})",
-            where=str(path),
-            hint="re-download the file; it is truncated or corrupt",
-        ) from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{what} must hold a JSON object, found {type(data).__name__}", where=str(path))
-    return data
-
-
-def parse_header(path: Path) -> tuple[dict[str, TensorRef], dict[str, str], int, list[str]]:
-    """Parse one safetensors header without reading tensor data.
-
-    Returns ``(tensors, metadata, data_start, problems)``; ``problems`` lists everything wrong
-    (malformed JSON, offsets beyond the file, sizes that disagree with dtype x shape, gaps, overlaps).
-    """
-    name = path.name
-    size = path.stat().st_size
-    problems: list[str] = []
-    if size < 8:
-        return {}, {}, 0, [f"{name}: file is {size} bytes, too short for a safetensors header (truncated?)"]
-    with path.open("rb") as f:
-        (hlen,) = struct.unpack("<Q", f.read(8))
-        if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
-            return (
-                {},
-                {},
-                0,
-                [f"{name}: header length {hlen} exceeds the file size {size} (truncated or not safetensors)"],
-            )
-        raw = f.read(hlen)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        return {}, {}, 0, [f"{name}: malformed safetensors header ({exc})"]
-    data_start = 8 + hlen
-    data_len = size - data_start
-    meta = header.pop("__metadata__", None) or {}
-    tensors: dict[str, TensorRef] = {}
-    spans: list[tuple[int, int, str]] = []
-    for key, info in header.items():
-        try:
-            dtype = ST_TO_DTYPE[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(v) for v in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"{name}: tensor {key}: malformed header entry {info!r}")
-            continue
-        expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected:
-            problems.append(
-                f"{name}: tensor {key}: header offsets span {end - begin} bytes but "
-                f"{info['dtype']} {list(shape)} needs {expected}"
-            )
-        if begin < 0 or end > data_len:
-            problems.append(
-                f"{name}: tensor {key}: data ends at byte {end} but the file holds {data_len} data bytes "
-                "(file truncated or header lies)"
-            )
-        spans.append((begin, end, key))
-        tensors[key] = TensorRef(
-            key=key, file=name, dtype=dtype, shape=shape, nbytes=expected, offset=data_start + begin
-        )
-    spans.sort()
-    end, last = 0, ""
-    for begin, stop, key in spans:
-        if begin < end:
-            problems.append(f"{name}: tensors {last} and {key} overlap in the data section")
-        elif begin > end:
-            problems.append(f"{name}: {begin - end} unused bytes before tensor {key} (the format allows no gaps)")
-        end, last = max(end, stop), key
-    if spans and end < data_len and not problems:
-        problems.append(f"{name}: {data_len - end} trailing bytes after the last tensor (the format allows none)")
-    return tensors, {str(k): str(v) for k, v in meta.items()}, data_start, problems
+        target = path.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        return f"{path.name} is a symlink loop"
+    real_root = root.resolve()
+    if real_root in target.parents or (
+        target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+    ):
+        return None
+    return f"{path.name} is a symlink to {target}, outside the checkpoint directory"
 
 
 class Checkpoint:
     """A local checkpoint directory: config files, the index, and every tensor's header entry.
 
-    Opening reads only headers. Shards named by the index must lie inside the directory; a shard that
-    is itself a symlink (the Hugging Face cache) is followed.
+    Opening reads only headers. Shards named by the index must lie inside the directory; a shard (or config,
+    index, tokenizer file) that is a symlink is followed only into the directory itself or into a Hugging Face
+    cache's blobs (never to a file elsewhere, which a hostile download could point at ``~/.ssh``).
     """
 
     def __init__(self, root: Path, *, pattern: str = "*.safetensors") -> None:
@@ -163,46 +94,93 @@ class Checkpoint:
             )
         self.problems: list[str] = []
         self.tensors: dict[str, TensorRef] = {}
+        outside = [why for name in READ_FILES if (why := _escapes(self.root, self.root / name))]
+        if outside:
+            raise CheckpointError(
+                f"{len(outside)} file(s) lead outside the checkpoint directory",
+                where=str(self.root),
+                problems=outside,
+                hint="copy the real files into the checkpoint directory (fp8convert never follows a link out of it)",
+            )
         self.files = self._list_files(pattern)
+        seen: dict[tuple[int, int], str] = {}
+        self._aliases: dict[str, str] = {}  # a shard linked under a second name -> the first
+        self._unreadable: set[str] = set()
         for file in self.files:
-            refs, _meta, _start, problems = parse_header(self.root / file)
+            path = self.root / file
+            st = path.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                self._aliases[file] = seen[st.st_dev, st.st_ino]
+                self.problems.append(
+                    f"{file} and {self._aliases[file]} are the same file (linked twice); a shard must be listed once"
+                )
+                continue
+            seen[st.st_dev, st.st_ino] = file
+            refs, _meta, _start, problems = parse_header(path)
             self.problems += problems
-            for key, ref in refs.items():
-                if key in self.tensors:
-                    self.problems.append(f"tensor {key} appears in both {self.tensors[key].file} and {file}")
-                self.tensors[key] = ref
+            if problems and not refs:
+                self._unreadable.add(file)  # the index's entries for it are no further news
+            twice = [key for key in refs if key in self.tensors]
+            self.problems += [
+                f"tensor {brief_key(k)} appears in both {self.tensors[k].file} and {file}" for k in twice[:5]
+            ]
+            if len(twice) > 5:
+                self.problems.append(f"... and {len(twice) - 5:,} more tensors of {file} are in an earlier shard too")
+            self.tensors.update(refs)
         self._check_index_keys()
 
     def _list_files(self, pattern: str) -> list[str]:
         index_path = self.root / INDEX_NAME
-        if index_path.exists():
-            index = read_json(index_path, what="safetensors index")
+        if index_path.exists() or index_path.is_symlink():
+            index = read_json(index_path, what="safetensors index", unique_keys=True)
             weight_map = index.get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(
-                    "index has no weight_map", where=str(index_path), hint="re-download the index file"
+                    f"index has no weight_map (tensor name -> shard file), found {brief(weight_map)}",
+                    where=str(index_path),
+                    hint="re-download the index file",
                 )
-            self.weight_map: dict[str, str] | None = {str(k): str(v) for k, v in weight_map.items()}
-            files = sorted(set(self.weight_map.values()), key=natural_key)
-            for f in files:
-                p = Path(f)
-                if p.is_absolute() or ".." in p.parts or len(p.parts) != 1:
+            bad = [f"{brief_key(k)}: {brief(v)}" for k, v in weight_map.items() if not isinstance(v, str)]
+            if bad:
+                raise CheckpointError(
+                    f"index weight_map maps {len(bad)} tensor(s) to something other than a file name",
+                    where=str(index_path),
+                    problems=capped(bad),
+                    hint="re-download the index file; it is corrupt",
+                )
+            self.weight_map: dict[str, str] | None = weight_map
+            files = sorted(set(weight_map.values()), key=natural_key)
+            for f in files:  # string checks, as Path.parts splits (an index may name 100,000s of files)
+                parts = [part for part in f.split("/") if part not in ("", ".")]
+                if f.startswith("/") or ".." in parts or len(parts) != 1:
                     raise CheckpointError(
                         f"index names the file {f!r}, which is outside the checkpoint directory",
                         where=str(index_path),
                         hint="the index is corrupt or malicious",
                     )
-            missing = [f for f in files if not (self.root / f).is_file()]
+                if f != parts[0] or not f.isprintable():  # ./x, x/, NUL and other control characters
+                    raise CheckpointError(
+                        f"index names the file {f!r}, which is not a plain file name in the checkpoint directory",
+                        where=str(index_path),
+                        hint=f"the index is corrupt; shards are named like {parts[0]!r}",
+                    )
+            missing = [f for f in files if not os.path.exists(os.path.join(self.root, f))]
             if missing:
+                held = Counter(weight_map.values())
+                listed = [
+                    f"{m} (holds {held[m]} tensors)" + (" is a broken symlink" if (self.root / m).is_symlink() else "")
+                    for m in missing[: MAX_PROBLEMS + 1]
+                ]
                 raise MissingTensorError(
                     f"{len(missing)} shard(s) named by the index are missing",
                     where=str(index_path),
-                    problems=[f"{m} (holds {sum(v == m for v in self.weight_map.values())} tensors)" for m in missing],
+                    problems=capped(listed, len(missing)),
                     hint="the download is incomplete: download the missing files again (fp8convert pull resumes)",
                 )
+            self._check_files(files)
             return files
         self.weight_map = None
-        found = sorted((p.name for p in self.root.glob(pattern) if p.is_file()), key=natural_key)
+        found = sorted((p.name for p in self.root.glob(pattern)), key=natural_key)
         # Mistral repos ship consolidated*.safetensors (native names) next to the HF files: the HF files win
         files = [f for f in found if not f.startswith("consolidated")] or found
         if not files:
@@ -218,17 +196,44 @@ class Checkpoint:
                 hint="fp8convert reads safetensors only (never unpickles); use a repo or revision that publishes "
                 "*.safetensors",
             )
+        self._check_files(files)
         return files
+
+    def _check_files(self, files: list[str]) -> None:
+        """Every shard is a regular file inside the directory (or a link into it or into a Hugging Face cache)."""
+        problems = []
+        for f in files:
+            path = self.root / f
+            if why := _escapes(self.root, path):
+                problems.append(why)
+            elif not path.exists():
+                problems.append(f"{f} is a broken symlink (its target {os.readlink(path)} is missing)")
+            elif path.is_dir():
+                problems.append(f"{f} is a directory, not a safetensors file")
+            elif not path.is_file():
+                problems.append(f"{f} is not a regular file (a device, socket or pipe)")
+        if problems:
+            raise CheckpointError(
+                f"{len(problems)} shard(s) cannot be read",
+                where=str(self.root),
+                problems=capped(problems),
+                hint="replace them with the real safetensors files (download them again); fp8convert follows links "
+                "only within the checkpoint directory or into a Hugging Face cache",
+            )
 
     def _check_index_keys(self) -> None:
         if self.weight_map is None:
             return
+        found = []
         for key, file in self.weight_map.items():
             ref = self.tensors.get(key)
+            if file in self._unreadable:
+                continue
             if ref is None:
-                self.problems.append(f"{INDEX_NAME} lists {key} in {file}, but no shard holds it")
-            elif ref.file != file:
-                self.problems.append(f"{INDEX_NAME} lists {key} in {file}, but it is in {ref.file}")
+                found.append(f"{INDEX_NAME} lists {brief_key(key)} in {file}, but no shard holds it")
+            elif ref.file != self._aliases.get(file, file):
+                found.append(f"{INDEX_NAME} lists {brief_key(key)} in {file}, but it is in {ref.file}")
+        self.problems += capped(found)
 
     # ---- reading -------------------------------------------------------------------------------
     def config(self, name: str = "config.json") -> dict:
@@ -261,125 +266,11 @@ class Checkpoint:
             return torch.empty(shape, dtype=ref.dtype)
         return torch.frombuffer(buf, dtype=torch.uint8).view(ref.dtype).reshape(shape)
 
-    def raw_chunks(self, key: str) -> Iterator[bytes]:
-        """The tensor's bytes straight from the file, in chunks, without decoding."""
-        ref = self.tensors[key]
-        path = self.root / ref.file
-        with path.open("rb") as f:
-            f.seek(ref.offset)
-            left = ref.nbytes
-            while left:
-                chunk = f.read(min(COPY_CHUNK, left))
-                if not chunk:
-                    raise CheckpointError(f"unexpected end of file reading {key}", where=str(path))
-                left -= len(chunk)
-                yield chunk
-
     def close(self) -> None:
         """Nothing is held open between reads; kept so callers can use a uniform open/close pattern."""
 
 
-# ---- writing ------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class OutTensor:
-    """A tensor to write: its name, dtype, shape, and how to produce its bytes (chunks, in order)."""
-
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    produce: Callable[[], Iterable[bytes]]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    """The raw little-endian bytes of a CPU tensor, without numpy."""
-    t = t.detach().contiguous().cpu()
-    return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()) if t.numel() else b""
-
-
-def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
-    """Split tensors (in natural key order) into shards of at most ``max_shard_bytes`` each."""
-    shards: list[list[OutTensor]] = [[]]
-    size = 0
-    for t in sorted(tensors, key=lambda t: natural_key(t.key)):
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
-        size += t.nbytes
-    return shards
-
-
-def write_safetensors(path: Path, tensors: list[OutTensor], on_bytes: Callable[[int], None] | None = None) -> str:
-    """Write one safetensors file tensor by tensor (header first, then each tensor's bytes in order);
-    returns the file's sha256, computed on the way."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for t in tensors:
-        header[t.key] = {
-            "dtype": DTYPE_TO_ST[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + t.nbytes],
-        }
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    digest = hashlib.sha256()
-    with path.open("wb") as f:
-        for head in (struct.pack("<Q", len(raw)), raw):
-            f.write(head)
-            digest.update(head)
-        for t in tensors:
-            written = 0
-            for chunk in t.produce():
-                f.write(chunk)
-                digest.update(chunk)
-                written += len(chunk)
-            if written != t.nbytes:
-                raise OutputError(
-                    f"internal error: {t.key} produced {written} bytes, expected {t.nbytes}", where=str(path)
-                )
-            if on_bytes:
-                on_bytes(written)
-    return digest.hexdigest()
-
-
-def check_written(path: Path, tensors: list[OutTensor]) -> None:
-    """Re-open a written shard with the safetensors library and compare names, dtypes and shapes."""
-    with safe_open(str(path), framework="pt") as f:
-        keys = set(f.keys())
-        if keys != {t.key for t in tensors}:
-            raise OutputError("written shard does not hold the planned tensors", where=str(path))
-        for t in tensors:
-            sl = f.get_slice(t.key)
-            if tuple(sl.get_shape()) != t.shape or sl.get_dtype() != DTYPE_TO_ST[t.dtype]:
-                raise OutputError(f"written tensor {t.key} has the wrong dtype/shape", where=str(path))
-
-
-def write_sharded(
-    directory: Path, tensors: list[OutTensor], *, max_shard_bytes: int, on_bytes: Callable[[int], None] | None = None
-) -> dict[str, str]:
-    """Write ``model-0000i-of-0000n.safetensors`` + the index into ``directory``; return shard -> sha256."""
-    shards = plan_shards(tensors, max_shard_bytes)
-    n = len(shards)
-    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    weight_map: dict[str, str] = {}
-    digests = {}
-    for name, shard in zip(names, shards, strict=True):
-        digests[name] = write_safetensors(directory / name, shard, on_bytes)
-        check_written(directory / name, shard)
-        weight_map.update({t.key: name for t in shard})
-    index = {
-        "metadata": {"total_size": sum(t.nbytes for t in tensors)},
-        "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0]))),
-    }
-    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return digests
-
-
+# ---- small files ----------------------------------------------------------------------------------
 def write_json(path: Path, data: object) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
 

@@ -141,7 +141,8 @@ def test_block_to_channel(shape: tuple[int, int]) -> None:
     _assert_one_rounding(new, old, new_s.float())
     assert not n.exact and not n.weight_unchanged and n.changed_codes > 0
     assert n.sqnr_db is not None and n.sqnr_db >= REQUANT_SQNR_FLOOR_DB
-    assert abs(n.sqnr_db - numerics.sqnr_db(old, new)) <= 1e-9
+    # per-row fp32 norms (thread-count independent) vs an fp64 sum: 1e-6 relative in S/N, ~4e-6 dB
+    assert abs(n.sqnr_db - numerics.sqnr_db(old, new)) <= 1e-5
     assert n.max_rel_error is not None and 0 < n.max_rel_error <= E4M3_REL + 2.0**-16
     assert "block 128x128 -> channel" in n.actions[0]
 
@@ -315,5 +316,17 @@ def test_fnuz_with_f32_scale_reports_error_against_the_source_once() -> None:
     hp = w.float() * scale
     got = n.linear.weight.float() * n.linear.weight_scale.float()
     noise = float((got.double() - hp.double()).pow(2).sum())
-    assert n.sqnr_db == pytest.approx(10 * math.log10(float(hp.double().pow(2).sum()) / noise), rel=1e-9)
+    assert n.sqnr_db == pytest.approx(10 * math.log10(float(hp.double().pow(2).sum()) / noise), abs=1e-5)
     assert n.changed_codes >= 16 and not n.exact
+
+
+@pytest.mark.parametrize("scheme", [TENSOR, CHANNEL, BLOCK])
+def test_row_amax_from_the_codes_equals_the_dequantized_amax(scheme: WeightScheme) -> None:
+    from fp8convert.normalize import dequant_rows, row_amax
+
+    w = _codes(256, 384, 30)
+    s = torch.rand(scheme.scale_shape(256, 384), generator=_gen(31)) * 0.01 + 1e-4  # fp32: products round
+    for r0, r1 in ((0, 256), (128, 256)):
+        got = row_amax(w[r0:r1], s, scheme, r0)
+        assert torch.equal(got, dequant_rows(w[r0:r1], s, scheme, r0).abs().amax(dim=1, keepdim=True))
+    assert row_amax(w[:100], s, BLOCK, 0) is None if scheme == BLOCK else True  # partial tiles: the caller's amax

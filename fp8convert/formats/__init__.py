@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from fp8convert.errors import AmbiguousFormatError, CheckpointError, UnknownFormatError
-from fp8convert.formats.base import Detection, FormatReader
+from fp8convert.formats.base import Detection, FormatReader, config_problems
 from fp8convert.shards import Checkpoint
 from fp8convert.spec import CheckpointPlan
 
@@ -96,6 +96,13 @@ def open_source(source: str | Path, fmt: str | None = None) -> tuple[Checkpoint,
     ckpt = Checkpoint(Path(source))
     # Mistral-native repos have params.json instead of config.json; their reader derives the config
     config = {} if not (ckpt.root / "config.json").exists() and (ckpt.root / "params.json").exists() else ckpt.config()
+    if problems := config_problems(config):
+        raise CheckpointError(
+            f"config.json has {len(problems)} field(s) no model can have",
+            where=str(ckpt.root / "config.json"),
+            problems=problems,
+            hint="fix config.json (compare it with the original model's) or download it again",
+        )
     if ckpt.problems:
         raise CheckpointError(
             f"{len(ckpt.problems)} problem(s) in the safetensors files",

@@ -45,17 +45,18 @@ def _torchao(ckpt: Checkpoint, config: dict, qc: dict) -> str | None:
 
 def _mxfp8(ckpt: Checkpoint, config: dict, qc: dict) -> str | None:
     method = str(qc.get("quant_method", "")).lower()
-    algo = str(qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo") or "").upper()
-    groups = qc.get("config_groups") or {}
+    quantization = qc.get("quantization")
+    algo = str(qc.get("quant_algo") or (quantization if isinstance(quantization, dict) else {}).get("quant_algo") or "")
+    groups = qc.get("config_groups")  # of any type here: the reader that claims the layout checks its types
     ct_mx = qc.get("format") == "mxfp8-quantized" or any(
         isinstance(g, dict)
         and (
             g.get("format") == "mxfp8-quantized"
-            or str((g.get("weights") or {}).get("scale_dtype", "")).endswith("uint8")
+            or (isinstance(g.get("weights"), dict) and str(g["weights"].get("scale_dtype", "")).endswith("uint8"))
         )
-        for g in groups.values()
+        for g in (groups.values() if isinstance(groups, dict) else ())
     )
-    if method == "mxfp8" or algo == "MXFP8" or ct_mx:
+    if method == "mxfp8" or algo.upper() == "MXFP8" or ct_mx:
         return (
             "MXFP8 (FORMATS.md L10): fp8 values with one e8m0 exponent per 32 weights; the AIU stack has no "
             "MX scales and requantizing them is not supported"

@@ -62,7 +62,9 @@ class FormatReader(Protocol):
         ...
 
     def read_linear(self, ckpt: Checkpoint, linear: LinearPlan) -> QuantizedLinear:
-        """Load one linear's tensors and convert them to the canonical convention (fp32 multiplier scales)."""
+        """Load one linear's tensors and convert them to the canonical convention (fp32 multiplier scales).
+        A reader that returns weight rows in another order than stored (beyond ``LinearPlan.transposed``)
+        also defines ``permutes_rows(linear) -> bool`` (see produce.rows_as_stored)."""
         ...
 
 
@@ -85,6 +87,47 @@ def matches(module: str, entries: list[str], *, style: str) -> bool:
 
 
 # ---- config blocks and detection evidence -----------------------------------------------------------
+#: config.json sizes that must be positive integers when present (the AIU config and CPU model are built from them)
+CONFIG_SIZES = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "max_position_embeddings",
+)
+#: the model dtypes a config.json may name (``torch_dtype``, or ``dtype`` since transformers 5)
+CONFIG_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
+def config_problems(config: dict, prefix: str = "") -> list[str]:
+    """Fields of a config.json (or of its ``text_config``) whose type or value no model could have: the
+    architecture and sizes fp8convert checks and carries into the artifacts, and the blocks it reads."""
+    p = []
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) and a for a in archs)):
+        p.append(f"{prefix}architectures is {archs!r:.80}; expected a list of class names such as ['LlamaForCausalLM']")
+    if config.get("model_type") is not None and not isinstance(config["model_type"], str):
+        p.append(f"{prefix}model_type is {config['model_type']!r:.80}; expected a string such as 'llama'")
+    for key in CONFIG_SIZES:
+        value = config.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            p.append(f"{prefix}{key} is {value!r:.80}; expected a positive integer")
+    for key in ("torch_dtype", "dtype"):
+        value = config.get(key)
+        if value is not None and value not in CONFIG_DTYPES:
+            p.append(f"{prefix}{key} is {value!r:.80}; expected one of {', '.join(CONFIG_DTYPES)}")
+    for key in ("quantization_config", "compression_config", "text_config"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, dict):
+            p.append(f"{prefix}{key} is {value!r:.80}; expected an object")
+    if isinstance(config.get("text_config"), dict) and not prefix:
+        p += config_problems(config["text_config"], "text_config.")
+    return p
+
+
 def find_quant_config(config: dict, *, legacy_compression_config: bool = False) -> tuple[dict | None, str]:
     """The quantization block of a config.json and where it was found: ``quantization_config``, else a
     multimodal model's ``text_config.quantization_config``, else (only with ``legacy_compression_config``, for

@@ -9,6 +9,8 @@ naive-quantized. Everything else in the family is refused with a message, never 
 
 from __future__ import annotations
 
+import re
+
 from fp8convert.errors import UnsupportedSchemeError
 from fp8convert.formats import register
 from fp8convert.formats.base import (
@@ -54,6 +56,22 @@ FORBIDDEN_SUFFIXES = {
     "weight_g_idx": "activation-ordered group quantization (g_idx)",
     "weight_global_scale": "two-level (nvfp4-style) scales",
 }
+
+
+def _name_list_problems(value: object, what: str) -> list[str]:
+    """``ignore`` and ``targets`` are lists of module names, ``re:`` patterns or class names."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(e, str) for e in value):
+        return [f"{what} must be a list of module names or 're:' patterns, found {value!r:.80}"]
+    problems = []
+    for e in value:
+        if e.startswith("re:"):
+            try:
+                re.compile(e[3:])
+            except re.error as exc:
+                problems.append(f"{what} entry {e!r} is not a valid regular expression ({exc})")
+    return problems
 
 
 class CompressedTensorsReader:
@@ -120,8 +138,12 @@ class CompressedTensorsReader:
         if not isinstance(groups_cfg, dict) or not groups_cfg:
             problems.append(f"{where}.config_groups is missing or empty")
             groups_cfg = {}
+        problems += _name_list_problems(qc.get("ignore"), "ignore")
         groups = []
         for gname, g in groups_cfg.items():
+            if not isinstance(g, dict):
+                problems.append(f"group {gname}: expected an object (targets, weights, ...), found {g!r:.80}")
+                continue
             # the group's own format wins (newer compressed-tensors); "dense" means "not compressed by a
             # sparsity compressor": the header dtypes then decide (fp8 weights + scales, or an error)
             gfmt = g.get("format") or fmt
@@ -136,11 +158,17 @@ class CompressedTensorsReader:
                 continue
             problems += [f"group {gname}: {p}" for p in self._check_weights(w)]
             a = g.get("input_activations")
+            if a is not None and not isinstance(a, dict):
+                problems.append(f"group {gname}: input_activations must be an object or null, found {a!r:.80}")
+                continue
             if a is not None:
                 problems += [f"group {gname}: {p}" for p in self._check_acts(a)]
             if g.get("output_activations") is not None:
                 problems.append(f"group {gname}: output activation quantization is not supported")
             targets = g.get("targets") or []
+            if target_problems := _name_list_problems(targets, "targets"):
+                problems += [f"group {gname}: {p}" for p in target_problems]
+                continue
             groups.append((gname, [str(t) for t in targets], w, a))
         if problems:
             raise UnsupportedSchemeError(

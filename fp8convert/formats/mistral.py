@@ -24,6 +24,7 @@ in ``params.json``, block-shaped ``qscale_weight``, unquantized decoder linears,
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 
@@ -151,6 +152,15 @@ def derive_config(params: dict, *, where: str = PARAMS) -> dict:
     sliding = params.get("sliding_window")
     if isinstance(sliding, list):
         problems.append(f"params.json sliding_window is a per-layer list {sliding!r}; not supported")
+    ints = (*required[:4], "vocab_size", "head_dim", "n_kv_heads", "max_position_embeddings", "max_seq_len")
+    for key in ints + (() if isinstance(sliding, list) else ("sliding_window",)):
+        value = params.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            problems.append(f"params.json {key} is {value!r:.60}; expected a positive integer")
+    for key in ("norm_eps", "rope_theta"):
+        value = params.get(key)
+        if value is not None and (type(value) not in (int, float) or not 0 < value < math.inf):
+            problems.append(f"params.json {key} is {value!r:.60}; expected a positive number")
     if problems:
         raise UnsupportedSchemeError(
             "cannot derive a MistralForCausalLM config.json from params.json",
@@ -160,7 +170,7 @@ def derive_config(params: dict, *, where: str = PARAMS) -> dict:
         )
     dim, n_heads = int(params["dim"]), int(params["n_heads"])
     head_dim = int(params.get("head_dim") or dim // n_heads)
-    rope_theta = float(params.get("rope_theta", 10000.0))
+    rope_theta = float(params.get("rope_theta") or 10000.0)
     max_pos = params.get("max_position_embeddings") or params.get("max_seq_len") or DEFAULT_MAX_POSITIONS
     return {
         "architectures": ["MistralForCausalLM"],
@@ -414,6 +424,11 @@ class MistralReader:
         )
 
     # ---- reading -------------------------------------------------------------------------------
+    def permutes_rows(self, linear: LinearPlan) -> bool:
+        """``wq``/``wk`` rows come back in another order than stored (so their bytes are never copied as is)."""
+        m = _LAYER.match(linear.weight.key.rpartition(".")[0])
+        return bool(m and m.group(2) in ROPE_MODULES)
+
     def read_linear(self, ckpt: Checkpoint, linear: LinearPlan) -> QuantizedLinear:
         """Load the native tensors; ``wq``/``wk`` rows (and per-row scales) are permuted to the HF layout."""
         ql = read_linear_default(ckpt, linear)

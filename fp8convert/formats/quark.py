@@ -218,7 +218,9 @@ class QuarkReader:
             if isinstance(inp, dict)
             else repr(inp)
         )
-        export = qc.get("export") or {}
+        export = qc.get("export")
+        if not isinstance(export, dict):
+            export = {}
         evidence = [
             f"config.json {where}.quant_method='quark'",
             f"global weight {wdesc}; input_tensors {idesc}",
@@ -236,13 +238,31 @@ class QuarkReader:
         if not isinstance(glob, dict):
             problems.append(f"{where}.global_quant_config is missing or not an object")
             glob = {}
-        if qc.get("layer_type_quant_config"):
+        if ltq := qc.get("layer_type_quant_config"):
+            shown = sorted(ltq) if isinstance(ltq, dict) else ltq
             problems.append(
-                f"layer_type_quant_config {sorted(qc['layer_type_quant_config'])} overrides the scheme per module "
+                f"layer_type_quant_config {shown!r:.120} overrides the scheme per module "
                 "class, which the checkpoint does not record; not supported"
             )
         export = qc.get("export") or {}
-        kv_group = [str(g) for g in (export.get("kv_cache_group") or [])]
+        if not isinstance(export, dict):
+            problems.append(f"export is {export!r:.80}, expected an object")
+            export = {}
+        kv_group = export.get("kv_cache_group") or []
+        if not isinstance(kv_group, list) or not all(isinstance(g, str) for g in kv_group):
+            problems.append(f"export.kv_cache_group is {kv_group!r:.80}, expected a list of name patterns")
+            kv_group = []
+        exclude = qc.get("exclude")
+        if exclude is not None and (not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude)):
+            problems.append(f"exclude is {exclude!r:.80}, expected a list of module names or patterns")
+        regexes = (
+            [e for e in exclude if isinstance(e, str) and e.startswith("re:")] if isinstance(exclude, list) else []
+        )
+        for e in regexes:
+            try:
+                re.compile(e[3:])
+            except re.error as exc:
+                problems.append(f"exclude entry {e!r} is not a valid regular expression ({exc})")
         layer_cfg = qc.get("layer_quant_config") or {}
         if not isinstance(layer_cfg, dict):
             problems.append(f"layer_quant_config is {type(layer_cfg).__name__}, expected an object")
@@ -297,7 +317,7 @@ class QuarkReader:
         assert qc is not None
         overrides, global_scheme = self._schemes(qc, where)
         exclude = [str(e) for e in (qc.get("exclude") or [])]
-        weight_format = (qc.get("export") or {}).get("weight_format")
+        weight_format = qc["export"].get("weight_format") if isinstance(qc.get("export"), dict) else None
 
         def scheme_for(module: str) -> _Scheme:
             for pattern, s in overrides:

@@ -24,9 +24,13 @@ from fp8convert.numerics import (
     E4M3_MAX,
     ErrorStats,
     bf16_round_up,
+    channel_scale_from_amax,
+    dequant_rows,
     fp8_decode,
     fp8_nan_count,
     is_exact_bf16,
+    requantize_rows,
+    row_amax,
     row_chunks,
 )
 from fp8convert.spec import AIU_SCHEMES, ActScheme, Granularity, LinearPlan, QuantizedLinear, WeightScheme
@@ -86,79 +90,37 @@ def choose_target(linears: Iterable[LinearPlan]) -> tuple[Granularity, ActScheme
     return PRIMARY
 
 
-def dequant_rows(codes: torch.Tensor, scale: torch.Tensor, scheme: WeightScheme, r0: int) -> torch.Tensor:
-    """fp32 rows ``[r0, r0 + len(codes))`` of the dequantized weight, ``fp32(q) * scale`` elementwise (one
-    rounding; exact for bf16 scales). ``scale`` is fp32 in ``scheme.scale_shape(out, in)``; for BLOCK, r0 is
-    a multiple of the block height and edge tiles are cropped (FORMATS.md 2.4). No NaN codes (checked first)."""
-    x = fp8_decode(codes)
-    rows, cols = x.shape
-    if scheme.granularity is Granularity.TENSOR:
-        return x.mul_(scale.reshape(1, 1))
-    if scheme.granularity is Granularity.CHANNEL:
-        return x.mul_(scale.reshape(-1, 1)[r0 : r0 + rows])
-    assert scheme.block is not None
-    bo, bi = scheme.block
-    s = scale[r0 // bo : -(-(r0 + rows) // bo)]
-    if rows % bo == 0 and cols % bi == 0:  # whole tiles: broadcast, no expanded copy of the scales
-        x.view(rows // bo, bo, cols // bi, bi).mul_(s.reshape(rows // bo, 1, cols // bi, 1))
-        return x
-    return x.mul_(s.repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols])
+@dataclass(slots=True)
+class Chunk:
+    """What ``compute`` made of one row chunk: the codes (or bf16 rows), their error figures, the per-row
+    scales it chose, and how many codes changed bytes."""
 
-
-def quantize_rows(hp: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """e4m3fn codes of ``hp / scale`` (fp32 division, explicit clamp to +-448, round-to-nearest-even)."""
-    return (hp / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
-def requantize_rows(hp: torch.Tensor, scale: torch.Tensor, stats: ErrorStats, amax: torch.Tensor) -> torch.Tensor:
-    """``quantize_rows`` that consumes ``hp`` (divided in place) and adds the error to ``stats``, measured in
-    fp8 units (decoded codes minus ``hp / scale``) and scaled back per row: no second dequantized copy."""
-    signal = torch.linalg.vector_norm(hp, 2, dim=1)
-    t = hp.div_(scale).clamp_(-E4M3_MAX, E4M3_MAX)
-    codes = t.to(torch.float8_e4m3fn)
-    stats.add_units(signal, fp8_decode(codes).sub_(t), scale, amax)
-    return codes
-
-
-def row_amax(codes: torch.Tensor, scale: torch.Tensor, scheme: WeightScheme, r0: int) -> torch.Tensor | None:
-    """``max|dequantized|`` per row ``[rows, 1]`` from the codes' bytes: for e4m3fn the magnitude bits order
-    like the values and ``|q| * s`` rounds monotonically, so the max of the products is the product of the
-    max (per block tile). None where that does not apply (other dtypes, partial tiles)."""
-    if codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
-        return None
-    rows, cols = codes.shape
-    mags = codes.view(torch.uint8) & 0x7F
-    g = scheme.granularity
-    if g is not Granularity.BLOCK:
-        top = fp8_decode(mags.amax(dim=1, keepdim=True).view(torch.float8_e4m3fn))
-        s = scale.reshape(1, 1) if g is Granularity.TENSOR else scale.reshape(-1, 1)[r0 : r0 + rows]
-        return top * s
-    assert scheme.block is not None
-    bo, bi = scheme.block
-    if rows % bo or cols % bi:
-        return None
-    top = fp8_decode(mags.view(rows, cols // bi, bi).amax(dim=-1).view(torch.float8_e4m3fn))  # [rows, tiles]
-    s = scale[r0 // bo : (r0 + rows) // bo]
-    return (top.view(rows // bo, bo, cols // bi) * s.reshape(rows // bo, 1, cols // bi)).amax(dim=-1).view(rows, 1)
-
-
-def _channel_scale(amax: torch.Tensor) -> torch.Tensor:
-    """Per-row fp32 scale from per-row ``max|w|``: ``amax / 448`` rounded up to bf16, 1.0 for all-zero rows."""
-    s = bf16_round_up(amax.to(torch.float32) / E4M3_MAX).to(torch.float32)
-    return torch.where(s > 0, s, torch.ones_like(s))
+    out: torch.Tensor
+    stats: ErrorStats
+    scale: torch.Tensor | None = None
+    changed: int = 0
 
 
 class Job:
-    """What the pipeline needs of every job: row chunks, a converter per chunk, the report entry."""
+    """What the pipeline needs of every job: row chunks, a converter per chunk, the report entry.
+
+    ``compute`` is pure (it reads the job's settings only), so chunks may be computed on several threads;
+    ``accept`` takes their results back in row order. ``convert`` is both, for one thread.
+    """
 
     out_features: int
     in_features: int
     align = 1  # row chunks start on multiples of this (the block height for block scales)
     keep_codes = False  # the fp8 codes are written as they are in the source
-    needs_prepass = False  # rows must be seen once (``prepass``) before ``convert``
+    needs_prepass = False  # rows must be seen once (``prepass``, then ``end_prepass``) before ``compute``
     scale_from_rows = False  # the target weight scale is known only once every row was converted
     bias: torch.Tensor | None = None  # bf16 target bias
     input_scale: torch.Tensor | None = None  # bf16 target input scale (static per-tensor activations)
+
+    def __init__(self) -> None:
+        self.stats = ErrorStats()
+        self.changed = 0
+        self._scales: list[torch.Tensor] = []
 
     def rows(self) -> list[tuple[int, int]]:
         return row_chunks(self.out_features, self.in_features, self.align)
@@ -166,8 +128,21 @@ class Job:
     def prepass(self, rows: torch.Tensor, r0: int) -> None:  # pragma: no cover - only jobs that need one
         raise NotImplementedError
 
-    def convert(self, rows: torch.Tensor, r0: int) -> torch.Tensor:
+    def end_prepass(self) -> None:  # pragma: no cover - only jobs that need one
         raise NotImplementedError
+
+    def compute(self, rows: torch.Tensor, r0: int) -> Chunk:
+        raise NotImplementedError
+
+    def accept(self, chunk: Chunk) -> torch.Tensor:
+        self.stats.merge(chunk.stats)
+        self.changed += chunk.changed
+        if chunk.scale is not None:
+            self._scales.append(chunk.scale)
+        return chunk.out
+
+    def convert(self, rows: torch.Tensor, r0: int) -> torch.Tensor:
+        return self.accept(self.compute(rows, r0))
 
     def record(self) -> dict[str, object]:
         raise NotImplementedError
@@ -196,15 +171,13 @@ class LinearJob(Job):
             raise UnsupportedSchemeError(f"{ql.module}.weight has dtype {dtype}, not an fp8 dtype")
         if gran is Granularity.TENSOR and src.granularity is not Granularity.TENSOR:
             raise UnsupportedSchemeError(f"{ql.module}: cannot target per-tensor weights from {src.describe()}")
+        super().__init__()
         self.actions: list[str] = []
-        self.stats = ErrorStats()
-        self.changed = 0
         self.lossy = False
         self.by_value = dtype == torch.float8_e4m3fnuz
         if self.by_value:
             self.actions.append("e4m3fnuz -> e4m3fn by value (same scale)")
         self.align = src.block[0] if src.block else 1
-        self._scales: list[torch.Tensor] = []
         self._rescale_at: int | None = None
         self._amax = 0.0
         if src.granularity is Granularity.BLOCK or dtype in (torch.float8_e5m2, torch.float8_e5m2fnuz):
@@ -281,43 +254,48 @@ class LinearJob(Job):
         hp = dequant_rows(rows, self.ql.weight_scale, self.ql.scheme, r0)
         self._amax = max(self._amax, float(hp.abs().max()) if hp.numel() else 0.0)
 
-    def convert(self, rows: torch.Tensor, r0: int) -> torch.Tensor:
+    def end_prepass(self) -> None:
+        value = self._amax / E4M3_MAX if self._amax > 0 else 1.0
+        self.new_scale = bf16_round_up(torch.tensor([value])).to(torch.float32).reshape(1, 1)
+
+    def compute(self, rows: torch.Tensor, r0: int) -> Chunk:
         """Target e4m3fn codes of source rows ``[r0, r0 + len(rows))``."""
+        stats = ErrorStats()
         if self.mode == "keep":
-            return rows
+            return Chunk(rows, stats)
         src = self.ql.scheme
         if self.mode == "by value":
             old = dequant_rows(rows, self.ql.weight_scale, src, r0)
             codes = fp8_decode(rows).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-            self.stats.add(old, dequant_rows(codes, self.ql.weight_scale, src, r0))
-            self.changed = self.stats.changed
-            self.lossy = self.lossy or self.changed > 0
-            return codes
+            stats.add(old, dequant_rows(codes, self.ql.weight_scale, src, r0))
+            return Chunk(codes, stats)
         hp = dequant_rows(rows, self.ql.weight_scale, src, r0)
         amax = row_amax(rows, self.ql.weight_scale, src, r0)
         if amax is None:
             amax = hp.abs().amax(dim=1, keepdim=True)
-        if self.mode == "rescale":
+        per_row = None
+        if self.mode == "rescale" or self.needs_prepass:
             assert self.new_scale is not None
             s_new = self.new_scale[r0 : r0 + len(rows)] if self.new_scale.numel() > 1 else self.new_scale
-        elif self.needs_prepass:
-            if self.new_scale is None:
-                value = self._amax / E4M3_MAX if self._amax > 0 else 1.0
-                self.new_scale = bf16_round_up(torch.tensor([value])).to(torch.float32).reshape(1, 1)
-            s_new = self.new_scale
         else:
-            s_new = _channel_scale(amax)
-            self._scales.append(s_new)
-        codes = requantize_rows(hp, s_new, self.stats, amax)
-        if self.mode == "rescale":
+            s_new = per_row = channel_scale_from_amax(amax)
+        codes = requantize_rows(hp, s_new, stats, amax)
+        changed = 0
+        if self.mode == "rescale":  # codes whose bytes moved (against the by-value codes for fnuz)
             before = rows
             if self.by_value:
                 before = fp8_decode(rows).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-                self.changed += int(torch.count_nonzero(fp8_decode(before) != fp8_decode(rows)))
-            self.changed += int(torch.count_nonzero(codes.view(torch.uint8) != before.view(torch.uint8)))
-        else:
-            self.changed = self.stats.changed
-        return codes
+                changed += int(torch.count_nonzero(fp8_decode(before) != fp8_decode(rows)))
+            changed += int(torch.count_nonzero(codes.view(torch.uint8) != before.view(torch.uint8)))
+        return Chunk(codes, stats, per_row, changed)
+
+    def accept(self, chunk: Chunk) -> torch.Tensor:
+        out = super().accept(chunk)
+        if self.mode != "rescale":
+            self.changed = self.stats.changed  # values that changed
+        if self.mode == "by value":
+            self.lossy = self.lossy or self.changed > 0
+        return out
 
     def finish(self, weight: torch.Tensor | None = None) -> Normalized:
         """The result once every row chunk went through ``convert`` (``weight``: the full codes, if kept)."""
@@ -366,17 +344,18 @@ class DequantJob(Job):
     """A quantized linear kept in full precision (``lm_head``): bf16 rows, one rounding each."""
 
     def __init__(self, ql: QuantizedLinear) -> None:
+        super().__init__()
         self.ql = ql
         self.out_features, self.in_features = ql.weight.shape
         self.align = ql.scheme.block[0] if ql.scheme.block else 1
-        self.stats = ErrorStats()
         self.bias = None if ql.bias is None else ql.bias.to(torch.bfloat16)
 
-    def convert(self, rows: torch.Tensor, r0: int) -> torch.Tensor:
+    def compute(self, rows: torch.Tensor, r0: int) -> Chunk:
         hp = dequant_rows(rows, self.ql.weight_scale, self.ql.scheme, r0)
         w = hp.to(torch.bfloat16)
-        self.stats.add(hp, w)
-        return w
+        stats = ErrorStats()
+        stats.add(hp, w)
+        return Chunk(w, stats)
 
     def record(self) -> dict[str, object]:
         exact = self.stats.noise == 0
@@ -399,18 +378,17 @@ class QuantizeJob(Job):
     scale_from_rows = True
 
     def __init__(self, module: str, shape: tuple[int, int], dtype: torch.dtype, bias: torch.Tensor | None) -> None:
+        super().__init__()
         self.module, self.dtype = module, dtype
         self.out_features, self.in_features = shape
-        self.stats = ErrorStats()
-        self._scales: list[torch.Tensor] = []
         self.bias = None if bias is None else bias.to(torch.bfloat16)
 
-    def convert(self, rows: torch.Tensor, r0: int) -> torch.Tensor:
+    def compute(self, rows: torch.Tensor, r0: int) -> Chunk:
         hp = rows.to(torch.float32, copy=True)
         amax = hp.abs().amax(dim=1, keepdim=True)
-        scale = _channel_scale(amax)
-        self._scales.append(scale)
-        return requantize_rows(hp, scale, self.stats, amax)
+        scale = channel_scale_from_amax(amax)
+        stats = ErrorStats()
+        return Chunk(requantize_rows(hp, scale, stats, amax), stats, scale)
 
     def weight_scale(self) -> torch.Tensor:
         return torch.cat(self._scales).to(torch.bfloat16).reshape(self.out_features, 1)
@@ -450,6 +428,7 @@ def run_job(job: Job, weight: torch.Tensor, out_dtype: torch.dtype) -> torch.Ten
     if job.needs_prepass:
         for r0, r1 in job.rows():
             job.prepass(weight[r0:r1], r0)
+        job.end_prepass()
     out = torch.empty(weight.shape, dtype=out_dtype)
     for r0, r1 in job.rows():
         out[r0:r1] = job.convert(weight[r0:r1], r0)

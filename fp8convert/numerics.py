@@ -73,6 +73,68 @@ def dequantize_linear(linear: QuantizedLinear) -> torch.Tensor:
     return dequantize(linear.weight, linear.weight_scale, linear.scheme)
 
 
+def dequant_rows(codes: torch.Tensor, scale: torch.Tensor, scheme: WeightScheme, r0: int) -> torch.Tensor:
+    """fp32 rows ``[r0, r0 + len(codes))`` of the dequantized weight, ``fp32(q) * scale`` elementwise (one
+    rounding; exact for bf16 scales). ``scale`` is fp32 in ``scheme.scale_shape(out, in)``; for BLOCK, r0 is
+    a multiple of the block height and edge tiles are cropped (FORMATS.md 2.4). No NaN codes (checked first)."""
+    x = fp8_decode(codes)
+    rows, cols = x.shape
+    if scheme.granularity is Granularity.TENSOR:
+        return x.mul_(scale.reshape(1, 1))
+    if scheme.granularity is Granularity.CHANNEL:
+        return x.mul_(scale.reshape(-1, 1)[r0 : r0 + rows])
+    assert scheme.block is not None
+    bo, bi = scheme.block
+    s = scale[r0 // bo : -(-(r0 + rows) // bo)]
+    if rows % bo == 0 and cols % bi == 0:  # whole tiles: broadcast, no expanded copy of the scales
+        x.view(rows // bo, bo, cols // bi, bi).mul_(s.reshape(rows // bo, 1, cols // bi, 1))
+        return x
+    return x.mul_(s.repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols])
+
+
+def quantize_rows(hp: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3fn codes of ``hp / scale`` (fp32 division, explicit clamp to +-448, round-to-nearest-even)."""
+    return (hp / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def requantize_rows(hp: torch.Tensor, scale: torch.Tensor, stats: ErrorStats, amax: torch.Tensor) -> torch.Tensor:
+    """``quantize_rows`` that consumes ``hp`` (divided in place) and adds the error to ``stats``, measured in
+    fp8 units (decoded codes minus ``hp / scale``) and scaled back per row: no second dequantized copy."""
+    signal = torch.linalg.vector_norm(hp, 2, dim=1)
+    t = hp.div_(scale).clamp_(-E4M3_MAX, E4M3_MAX)
+    codes = t.to(torch.float8_e4m3fn)
+    stats.add_units(signal, fp8_decode(codes).sub_(t), scale, amax)
+    return codes
+
+
+def row_amax(codes: torch.Tensor, scale: torch.Tensor, scheme: WeightScheme, r0: int) -> torch.Tensor | None:
+    """``max|dequantized|`` per row ``[rows, 1]`` from the codes' bytes: for e4m3fn the magnitude bits order
+    like the values and ``|q| * s`` rounds monotonically, so the max of the products is the product of the
+    max (per block tile). None where that does not apply (other dtypes, partial tiles)."""
+    if codes.dtype != torch.float8_e4m3fn or codes.dim() != 2:
+        return None
+    rows, cols = codes.shape
+    mags = codes.view(torch.uint8) & 0x7F
+    g = scheme.granularity
+    if g is not Granularity.BLOCK:
+        top = fp8_decode(mags.amax(dim=1, keepdim=True).view(torch.float8_e4m3fn))
+        s = scale.reshape(1, 1) if g is Granularity.TENSOR else scale.reshape(-1, 1)[r0 : r0 + rows]
+        return top * s
+    assert scheme.block is not None
+    bo, bi = scheme.block
+    if rows % bo or cols % bi:
+        return None
+    top = fp8_decode(mags.view(rows, cols // bi, bi).amax(dim=-1).view(torch.float8_e4m3fn))  # [rows, tiles]
+    s = scale[r0 // bo : (r0 + rows) // bo]
+    return (top.view(rows // bo, bo, cols // bi) * s.reshape(rows // bo, 1, cols // bi)).amax(dim=-1).view(rows, 1)
+
+
+def channel_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """Per-row fp32 scale from per-row ``max|w|``: ``amax / 448`` rounded up to bf16, 1.0 for all-zero rows."""
+    s = bf16_round_up(amax.to(torch.float32) / E4M3_MAX).to(torch.float32)
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
 def row_chunks(out_features: int, in_features: int, align: int = 1) -> list[tuple[int, int]]:
     """Row ranges of about CHUNK_ELEMENTS elements each, starting on multiples of ``align``."""
     rows = max(align, (CHUNK_ELEMENTS // max(in_features, 1)) // align * align)
@@ -198,9 +260,7 @@ class ErrorStats:
             self.max_rel = max(self.max_rel, float(rel.max()))
         self.changed += int(torch.count_nonzero(err))
 
-    def add_units(
-        self, signal: torch.Tensor, err: torch.Tensor, scale: torch.Tensor, ref_amax: torch.Tensor
-    ) -> None:
+    def add_units(self, signal: torch.Tensor, err: torch.Tensor, scale: torch.Tensor, ref_amax: torch.Tensor) -> None:
         """The same figures from what requantization has at hand: per-row norms of the reference rows,
         the rounding error in fp8 units ``[rows, k]`` (consumed), the new scale per row (or one) and
         ``max|ref|`` per row. Error in weight units = error in fp8 units x scale (to fp32 rounding)."""
@@ -214,6 +274,13 @@ class ErrorStats:
             amax = ref_amax.reshape(-1).to(torch.float64)
             rel = torch.where(amax > 0, err_max / torch.where(amax > 0, amax, torch.ones_like(amax)), err_max)
             self.max_rel = max(self.max_rel, float(rel.max()))
+
+    def merge(self, other: ErrorStats) -> None:
+        """Add another chunk's figures (in row order: the sums are then the same whatever the threads)."""
+        self.signal += other.signal
+        self.noise += other.noise
+        self.max_rel = max(self.max_rel, other.max_rel)
+        self.changed += other.changed
 
     @property
     def sqnr_db(self) -> float:

@@ -224,7 +224,30 @@ def _write(
 ) -> dict:
     """Everything into ``tmp``: shards (resuming finished ones), config, tokenizer, CPU variant, report."""
     assert options.targets is not None
-    producer = Producer(ckpt, reader, target)
+    # one torch thread per op and our own workers over row chunks: OpenMP's two-thread barrier per op stalls
+    # for milliseconds whenever the writer or hasher thread (or anything else) holds the other core
+    workers = torch.get_num_threads()
+    torch.set_num_threads(1)
+    producer = Producer(ckpt, reader, target, workers=workers)
+    try:
+        return _write_with(src, tmp, ckpt, plan, config, options, target, key, producer)
+    finally:
+        producer.close()
+        torch.set_num_threads(workers)
+
+
+def _write_with(
+    src: Path,
+    tmp: Path,
+    ckpt: Checkpoint,
+    plan: CheckpointPlan,
+    config: dict,
+    options: ConvertOptions,
+    target: tuple[Granularity, ActScheme],
+    key: str,
+    producer: Producer,
+) -> dict:
+    assert options.targets is not None
     to_bf16 = Target.AIU in options.targets  # the CPU variant alone keeps the source's dtypes
     outs, fake, passthrough = plan_outputs(ckpt, plan, producer, quantize=_to_quantize(plan, options), to_bf16=to_bf16)
     first = Target.AIU if Target.AIU in options.targets else Target.CPU

@@ -8,9 +8,11 @@ and written one row chunk at a time. So memory holds a few chunks, whatever the 
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 
 from fp8convert.errors import CheckpointError
 from fp8convert.formats.base import FormatReader
-from fp8convert.normalize import DequantJob, Job, LinearJob, QuantizeJob
+from fp8convert.normalize import Chunk, DequantJob, Job, LinearJob, QuantizeJob
 from fp8convert.numerics import CHUNK_ELEMENTS, fp8_nan_count
 from fp8convert.shards import Checkpoint
 from fp8convert.spec import (
@@ -163,8 +165,12 @@ class _Module:
 class Producer:
     """Builds each linear's job on first use, streams its tensors, records its report entry."""
 
-    def __init__(self, ckpt: Checkpoint, reader: FormatReader, target: tuple[Granularity, ActScheme]) -> None:
+    def __init__(
+        self, ckpt: Checkpoint, reader: FormatReader, target: tuple[Granularity, ActScheme], *, workers: int = 1
+    ) -> None:
         self.ckpt, self.reader, self.target = ckpt, reader, target
+        self.workers = workers
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fp8convert") if workers > 1 else None
         self.records: dict[str, dict[str, object]] = {}
         self._new: dict[str, dict[str, object]] = {}
         self._modules: dict[str, _Module] = {}
@@ -235,12 +241,32 @@ class Producer:
             if job.needs_prepass:
                 for rows, r0 in self._rows(m):
                     job.prepass(rows, r0)
-            for rows, r0 in self._rows(m):
-                out = job.convert(rows, r0)
+                job.end_prepass()
+            for chunk in self._computed(job, self._rows(m)):
+                out = job.accept(chunk)
                 if sink is not None:
                     sink.write(out)
         m.converted = True
         self.records[module] = self._new[module] = {"source": m.source, **job.record()}
+
+    def _computed(self, job: Job, rows: Iterator[tuple[torch.Tensor, int]]) -> Iterator[Chunk]:
+        """``job.compute`` of each row chunk, in order, up to ``workers`` chunks at a time on the pool (torch
+        ops release the GIL; each runs on one thread, so the results do not depend on the worker count)."""
+        if self._pool is None:
+            yield from (job.compute(r, r0) for r, r0 in rows)
+            return
+        pending: collections.deque[Future[Chunk]] = collections.deque()
+        for r, r0 in rows:
+            pending.append(self._pool.submit(job.compute, r, r0))
+            if len(pending) > self.workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
 
     def _done(self, module: str, key: str) -> None:
         m = self._modules[module]

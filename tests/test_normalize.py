@@ -322,7 +322,7 @@ def test_fnuz_with_f32_scale_reports_error_against_the_source_once() -> None:
 
 @pytest.mark.parametrize("scheme", [TENSOR, CHANNEL, BLOCK])
 def test_row_amax_from_the_codes_equals_the_dequantized_amax(scheme: WeightScheme) -> None:
-    from fp8convert.normalize import dequant_rows, row_amax
+    from fp8convert.numerics import dequant_rows, row_amax
 
     w = _codes(256, 384, 30)
     s = torch.rand(scheme.scale_shape(256, 384), generator=_gen(31)) * 0.01 + 1e-4  # fp32: products round

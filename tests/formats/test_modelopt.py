@@ -205,7 +205,9 @@ def test_f32_scales_are_rounded_up_and_reported(tmp_path: Path, variant: str) ->
         assert torch.equal(out[f"{lin.module}.weight"].view(torch.uint8), ref.weight.view(torch.uint8))
         rec = report["layers"][lin.module]
         assert rec["exact"] is False and rec["changed_codes"] == 0 and "rounded up" in rec["actions"][0]
-        assert rec["sqnr_db"] == pytest.approx(_sqnr(hp, got), abs=SQNR_DB_ABS) and rec["sqnr_db"] >= REQUANT_SQNR_FLOOR_DB
+        assert (
+            rec["sqnr_db"] == pytest.approx(_sqnr(hp, got), abs=SQNR_DB_ABS) and rec["sqnr_db"] >= REQUANT_SQNR_FLOOR_DB
+        )
     assert len(report["lossy_steps"]) == len(plan.linears)
 
 

@@ -224,16 +224,8 @@ def _write(
 ) -> dict:
     """Everything into ``tmp``: shards (resuming finished ones), config, tokenizer, CPU variant, report."""
     assert options.targets is not None
-    # one torch thread per op and our own workers over row chunks: OpenMP's two-thread barrier per op stalls
-    # for milliseconds whenever the writer or hasher thread (or anything else) holds the other core
-    workers = torch.get_num_threads()
-    torch.set_num_threads(1)
-    producer = Producer(ckpt, reader, target, workers=workers)
-    try:
+    with Producer(ckpt, reader, target) as producer:
         return _write_with(src, tmp, ckpt, plan, config, options, target, key, producer)
-    finally:
-        producer.close()
-        torch.set_num_threads(workers)
 
 
 def _write_with(

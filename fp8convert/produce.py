@@ -165,12 +165,10 @@ class _Module:
 class Producer:
     """Builds each linear's job on first use, streams its tensors, records its report entry."""
 
-    def __init__(
-        self, ckpt: Checkpoint, reader: FormatReader, target: tuple[Granularity, ActScheme], *, workers: int = 1
-    ) -> None:
+    def __init__(self, ckpt: Checkpoint, reader: FormatReader, target: tuple[Granularity, ActScheme]) -> None:
         self.ckpt, self.reader, self.target = ckpt, reader, target
-        self.workers = workers
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="fp8convert") if workers > 1 else None
+        self.workers = 1
+        self._pool: ThreadPoolExecutor | None = None
         self.records: dict[str, dict[str, object]] = {}
         self._new: dict[str, dict[str, object]] = {}
         self._modules: dict[str, _Module] = {}
@@ -263,10 +261,21 @@ class Producer:
         while pending:
             yield pending.popleft().result()
 
-    def close(self) -> None:
+    def __enter__(self) -> Producer:
+        """Row chunks go to our own workers (as many as torch's threads), each op on one torch thread: with
+        two OpenMP threads per op, the per-op barrier stalls for milliseconds whenever the writer or hasher
+        thread (or another process) holds the other core. Restored on exit."""
+        self.workers = torch.get_num_threads()
+        torch.set_num_threads(1)
+        if self.workers > 1:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="fp8convert")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+        torch.set_num_threads(self.workers)
 
     def _done(self, module: str, key: str) -> None:
         m = self._modules[module]

@@ -70,7 +70,9 @@ def test_requantized_weights_stream_in_row_chunks(make_ct, tmp_path, monkeypatch
     assert whole["layers"] == chunked["layers"]  # the statistics do not depend on the chunking
 
 
-def _interrupt_after_shards(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+def interrupted(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch, shards: int) -> Path:
+    """Run a conversion that is interrupted (KeyboardInterrupt) right after ``shards`` shards were finished;
+    returns its temporary directory."""
     from fp8convert import writer
 
     done = writer.Journal.done
@@ -78,10 +80,15 @@ def _interrupt_after_shards(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
 
     def stop_after(self: writer.Journal, shard: Path, digest: str, notes: dict[str, object]) -> None:
         done(self, shard, digest, notes)
-        if next(count) + 1 == n:
+        if next(count) + 1 == shards:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(writer.Journal, "done", stop_after)
+    with monkeypatch.context() as m:
+        m.setattr(writer.Journal, "done", stop_after)
+        with pytest.raises(KeyboardInterrupt):
+            convert(src, out, SHARDS)
+    (work,) = out.glob(".fp8convert-tmp-*")
+    return work
 
 
 @pytest.mark.parametrize("scheme", ["FP8_BLOCK", "FP8_DYNAMIC"])
@@ -89,11 +96,7 @@ def test_an_interrupted_run_resumes_from_its_finished_shards(make_ct, tmp_path, 
     src = make_ct(scheme, **DIMS)
     reference = convert(src, tmp_path / "ref", SHARDS)
     out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        _interrupt_after_shards(m, 2)
-        with pytest.raises(KeyboardInterrupt):
-            convert(src, out, SHARDS)
-    (work,) = out.glob(".fp8convert-tmp-*")
+    work = interrupted(src, out, monkeypatch, 2)
     kept = {p.name: p.stat().st_ino for p in (work / "aiu").glob("*.safetensors")}
     assert len(kept) == 2 and not any(p.name in ("aiu", "cpu") for p in out.iterdir())
     rewritten: list[str] = []
@@ -104,7 +107,7 @@ def test_an_interrupted_run_resumes_from_its_finished_shards(make_ct, tmp_path, 
     report = convert(src, out, SHARDS)
     assert not set(rewritten) & set(kept)  # the finished shards were reused, not written again
     assert {p.name: p.stat().st_ino for p in (out / "aiu").glob("*.safetensors") if p.name in kept} == kept
-    assert files(out) == {k: v for k, v in files(tmp_path / "ref").items()}
+    assert files(out) == files(tmp_path / "ref")
     assert report == reference
 
 
@@ -112,11 +115,7 @@ def test_a_finished_shard_that_changed_is_written_again(make_ct, tmp_path, monke
     src = make_ct("FP8_BLOCK", **DIMS)
     convert(src, tmp_path / "ref", SHARDS)
     out = tmp_path / "out"
-    with monkeypatch.context() as m:
-        _interrupt_after_shards(m, 1)
-        with pytest.raises(KeyboardInterrupt):
-            convert(src, out, SHARDS)
-    (shard,) = out.glob(".fp8convert-tmp-*/aiu/*.safetensors")
+    (shard,) = (interrupted(src, out, monkeypatch, 1) / "aiu").glob("*.safetensors")
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF  # same size, other bytes: only the hash tells
     shard.write_bytes(bytes(data))

@@ -14,7 +14,12 @@ fms-model-optimizer's ``FP8Linear`` computes on CPU (AIU_TARGET.md "CPU fallback
 Activations are quantized the same way in all three: the amax is taken in the activation dtype, the
 scale ``amax / 448`` is evaluated in that dtype and clamped at ``2**-23``, and the codes are
 ``e4m3fn(clamp(fp32(x) * reciprocal(scale), +-448))``. Bit-exactness holds for one torch build and CPU
-ISA: only torch ops of the same dtype and layout are used.
+ISA: the matmuls are the same torch ops on the same dtypes and layouts as fms-mo's, on the whole weight.
+
+Speed and memory (fp8convert.dequant): weights stay e4m3fn buffers (one byte per parameter). Each call
+dequantizes the weight with vectorized integer/float ops into a per-thread workspace shared by all layers,
+and quantizes activations without torch's element-by-element fp8 casts, both bit-identical to the formulas
+above. ``cache_dequantized=True`` keeps each layer's dequantized weight instead (2-4 more bytes per parameter).
 """
 
 from __future__ import annotations
@@ -31,38 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8convert.dequant import WeightState, dequantize_weight, fake_quantize_activation, workspace
+from fp8convert.dequant import quantize_activation as quantize_activation  # re-exported: the reference quantizer
 from fp8convert.errors import CheckpointError, Fp8ConvertError
 from fp8convert.spec import CPU_PLAN_NAME, ActScheme, Granularity, Numerics
 
 logger = logging.getLogger(__name__)
-
-E4M3_MAX = 448.0
-_EPS = torch.finfo(torch.float32).eps
-
-
-def quantize_activation(
-    x: torch.Tensor, activation: ActScheme, input_scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """torchao 0.11's activation quantization as fms-mo calls it.
-
-    Returns (codes e4m3fn shaped like x, fp32 scale shaped ``[..., 1]`` per token or ``[1]*x.dim()``).
-    """
-    if activation is ActScheme.STATIC_TENSOR:
-        assert input_scale is not None
-        s = input_scale.squeeze().to(torch.float32).reshape([1] * x.dim())
-    else:
-        if activation is ActScheme.DYNAMIC_TENSOR:
-            flat = x.reshape(-1)
-            mn, mx = flat.amin(0), flat.amax(0)
-        elif activation is ActScheme.DYNAMIC_TOKEN:
-            mn, mx = x.amin(-1), x.amax(-1)
-        else:
-            raise ValueError(f"no activation quantization for {activation}")
-        amax = torch.max(-torch.min(mn, torch.zeros_like(mn)), torch.max(mx, torch.zeros_like(mx)))
-        s = torch.clamp(amax / E4M3_MAX, min=_EPS).to(torch.float32)  # amax / 448 evaluated in x.dtype
-        s = s.unsqueeze(-1) if activation is ActScheme.DYNAMIC_TOKEN else s.reshape([1] * x.dim())
-    q = torch.clamp(x * s.reciprocal(), -E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q, s
 
 
 class FakeQuantLinear(nn.Module):
@@ -106,7 +85,7 @@ class FakeQuantLinear(nn.Module):
         self.activation = ActScheme(activation)
         self.numerics = Numerics(numerics)
         self.cache_dequantized = cache_dequantized
-        self._cache: tuple[torch.dtype, torch.Tensor] | None = None
+        self._state = WeightState()  # NaN-code check and cached dequantized weight, tied to the tensors
         scale_shape = (out_features, 1) if self.weight_granularity is Granularity.CHANNEL else (1,)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.float8_e4m3fn, device=device))
         self.register_buffer("weight_scale", torch.ones(scale_shape, dtype=scale_dtype, device=device))
@@ -126,7 +105,7 @@ class FakeQuantLinear(nn.Module):
         )
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        self._cache = None
+        self._state.clear()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- weight dequantization ----------------------------------------------------------------
@@ -135,14 +114,36 @@ class FakeQuantLinear(nn.Module):
         s = self.weight_scale.to(torch.float32)
         return s.reshape(-1, 1) if self.weight_granularity is Granularity.CHANNEL else s.reshape(1, 1)
 
+    def _scale(self) -> torch.Tensor:
+        """The weight scale in its own dtype: ``[out, 1]`` or ``[1]``."""
+        channel = self.weight_granularity is Granularity.CHANNEL
+        return self.weight_scale.reshape(-1, 1) if channel else self.weight_scale
+
+    def _refreshed_state(self) -> WeightState:
+        self._state.refresh(self.weight, self.weight_scale)
+        return self._state
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """``round_dtype(fp32(weight) * fp32(weight_scale))``, ``[out, in]`` contiguous."""
-        if self._cache is not None and self._cache[0] == dtype:
-            return self._cache[1]
-        w = (self.weight.to(dtype) * self._scale_rows()).to(dtype)
+        """``round_dtype(fp32(weight) * fp32(weight_scale))``, ``[out, in]`` contiguous, owned by the caller
+        (the module's cached copy when ``cache_dequantized``)."""
+        state = self._refreshed_state()
+        if state.cache is not None and state.cache[0] == dtype:
+            return state.cache[1]
+        w = dequantize_weight(self.weight, self._scale(), dtype, state=state)
         if self.cache_dequantized:
-            self._cache = (dtype, w)
+            state.cache = (dtype, w)
         return w
+
+    def _weight_for(self, dtype: torch.dtype, x: torch.Tensor, *, scaled: bool = True) -> torch.Tensor:
+        """The dequantized weight for one forward: the cached copy, or this thread's reused workspace (a new
+        tensor when autograd would keep it). ``scaled=False``: the codes' own values (hardware numerics)."""
+        state = self._refreshed_state()
+        if scaled and (self.cache_dequantized or (state.cache is not None and state.cache[0] == dtype)):
+            return self.dequantized_weight(dtype)
+        keep = torch.is_grad_enabled() and x.requires_grad
+        out = None if keep or self.weight.device.type != "cpu" else workspace(self.weight.numel(), dtype)
+        out = None if out is None else out.view(self.out_features, self.in_features)
+        return dequantize_weight(self.weight, self._scale() if scaled else None, dtype, out=out, state=state)
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,18 +159,12 @@ class FakeQuantLinear(nn.Module):
         """fms-mo's weight-only path: ``F.linear(x.to(ws.dtype), dequant(w), bias).to(x.dtype)``."""
         wd = self.weight_scale.dtype if self.numerics is not Numerics.HARDWARE else torch.float32
         bias = None if self.bias is None else self.bias.to(wd)
-        return F.linear(x.to(wd), self.dequantized_weight(wd), bias).to(x.dtype)
-
-    def _x_dequant(self, q: torch.Tensor, s: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-        k = q.shape[-1]
-        scale = s.reshape(()) if self.activation is not ActScheme.DYNAMIC_TOKEN else s.reshape(-1, 1)
-        return (q.reshape(-1, k).to(dt) * scale).to(dt)
+        return F.linear(x.to(wd), self._weight_for(wd, x), bias).to(x.dtype)
 
     def _fms_mo(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
-        q, s = quantize_activation(x, self.activation, self.input_scale)
-        x_dq = self._x_dequant(q, s, dt)
-        w_t = self.dequantized_weight(dt).T  # [K, N] column-major view, as torchao passes w.T
+        x_dq, _ = fake_quantize_activation(x, self.activation, self.input_scale, dtype=dt)
+        w_t = self._weight_for(dt, x).T  # [K, N] column-major view, as torchao passes w.T
         if self.bias is None:
             out = torch.mm(x_dq, w_t)
         elif dt == torch.float32:
@@ -181,16 +176,15 @@ class FakeQuantLinear(nn.Module):
 
     def _fallback(self, x: torch.Tensor) -> torch.Tensor:
         dt, wd = x.dtype, self.weight_scale.dtype
-        q, s = quantize_activation(x, self.activation, self.input_scale)
-        x_dq = self._x_dequant(q, s, dt).reshape(x.shape)
+        x_dq, _ = fake_quantize_activation(x, self.activation, self.input_scale, dtype=dt)
+        x_dq = x_dq.reshape(x.shape)
         bias = None if self.bias is None else self.bias.to(wd)
-        return F.linear(x_dq.to(wd), self.dequantized_weight(wd), bias).to(dt)
+        return F.linear(x_dq.to(wd), self._weight_for(wd, x), bias).to(dt)
 
     def _hardware(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
-        q, s = quantize_activation(x, self.activation, self.input_scale)
-        k = x.shape[-1]
-        acc = torch.mm(q.reshape(-1, k).to(torch.float32), self.weight.to(torch.float32).T)
+        values, s = fake_quantize_activation(x, self.activation, self.input_scale)
+        acc = torch.mm(values, self._weight_for(torch.float32, x, scaled=False).T)
         sx = s.reshape(-1, 1) if self.activation is ActScheme.DYNAMIC_TOKEN else s.reshape(1, 1)
         out = acc * (sx * self._scale_rows().reshape(1, -1))
         if self.bias is not None:

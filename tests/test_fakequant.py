@@ -252,10 +252,10 @@ def test_cache_dequantized() -> None:
     case = _case((CH, TOKEN), (5, 256), 384, torch.bfloat16, torch.bfloat16, True)
     plain, cached = _module(case, Numerics.FMS_MO), _module(case, Numerics.FMS_MO, cache=True)
     first = cached(case["x"])
-    assert cached._cache is not None and plain._cache is None
+    assert cached._state.cache is not None and plain._state.cache is None
     assert torch.equal(first, plain(case["x"])) and torch.equal(cached(case["x"]), first)
     x16 = case["x"].to(torch.float16)  # the cache is per dtype
-    assert torch.equal(cached(x16), plain(x16)) and cached._cache[0] == torch.float16
+    assert torch.equal(cached(x16), plain(x16)) and cached._state.cache[0] == torch.float16
     other = _case((CH, TOKEN), (5, 256), 384, torch.bfloat16, torch.bfloat16, True, seed=9)
     cached.load_state_dict(_module(other, Numerics.FMS_MO).state_dict())
     assert torch.equal(cached(case["x"]), _ref(other | {"x": case["x"]}))

@@ -235,8 +235,9 @@ def max_rel_error(ref: torch.Tensor, test: torch.Tensor) -> float:
 class ErrorStats:
     """Accumulates SQNR, max relative error and changed values over row chunks of one tensor.
 
-    Sums are taken per row (each row reduced by one thread, in a fixed order) and then exactly across rows
-    (``math.fsum``), so the figures do not depend on the thread count or on how rows are chunked.
+    Sums are taken per row (each row reduced by one thread, in a fixed order), exactly across the rows of a
+    chunk (``math.fsum``), then chunk by chunk in row order: the figures do not depend on the thread count;
+    the chunking is fixed (``CHUNK_ELEMENTS``).
     """
 
     def __init__(self) -> None:

@@ -19,6 +19,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -26,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fp8convert.errors import OutputError
+
+logger = logging.getLogger(__name__)
 
 TMP_PREFIX = ".fp8convert-tmp-"
 STATE = ".state"
@@ -39,11 +42,12 @@ def _inside(a: Path, b: Path) -> bool:
 
 
 def fingerprint(files: Iterable[Path], settings: dict[str, object]) -> str:
-    """Key of a conversion: every source file's name, size and mtime, and the settings that shape the output."""
+    """Key of a conversion: every source file's name, inode, size, mtime and ctime (which no tool can set back,
+    unlike the mtime), and the settings that shape the output bytes."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for f in sorted(files):
         st = f.stat()
-        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(f"{f}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -119,6 +123,8 @@ def locked(out: Path) -> Iterator[None]:
                 where=str(out),
                 hint="wait for it to finish, or choose another output directory",
             ) from None
+        except OSError as exc:  # NFS (no flock on a directory), Lustre without -o flock, ...
+            logger.warning("%s: cannot lock the output directory (%s); make sure no other run writes there", out, exc)
         yield
     finally:
         os.close(fd)
@@ -137,12 +143,14 @@ def workdir(out: Path, key: str) -> Path:
 def commit(tmp: Path, out: Path) -> None:
     """Move ``tmp/{aiu,cpu,report}`` into ``out`` (report last), replacing earlier outputs, then drop ``tmp``."""
     marker = tmp / STATE / COMMIT_MARKER
-    if not marker.exists():
-        names = [n for n in FINAL_NAMES if (tmp / n).exists()]
+    try:
+        names = json.loads(marker.read_text(encoding="utf-8"))["names"]
+    except (OSError, ValueError, KeyError, TypeError):  # not committing yet, or a marker cut by a power loss
+        cut = marker.exists()  # then some names may already be in place
+        names = [n for n in FINAL_NAMES if (tmp / n).exists() or (cut and (out / n).exists())]
         staged = marker.with_suffix(".tmp")
         staged.write_text(json.dumps({"names": names}), encoding="utf-8")
         os.replace(staged, marker)
-    names = json.loads(marker.read_text(encoding="utf-8"))["names"]
     old = tmp / STATE / "previous"
     old.mkdir(exist_ok=True)
     for name in FINAL_NAMES:  # earlier outputs, including a target this run does not write

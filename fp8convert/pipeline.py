@@ -24,6 +24,7 @@ from fp8convert.outdir import (
     COMMIT_MARKER,
     REPORT_NAME,
     STATE,
+    TMP_PREFIX,
     check_output,
     commit,
     discard,
@@ -149,10 +150,10 @@ def weight_problems(ckpt: Checkpoint, reader: FormatReader, plan: CheckpointPlan
 def _fingerprint(src: Path, options: ConvertOptions) -> str:
     """Key of this conversion (its resumable temporary directory): source files and output-shaping options."""
     settings = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
-    for transient in ("overwrite", "progress"):
-        settings.pop(transient)
+    for not_in_the_bytes in ("overwrite", "progress", "repo", "revision", "requested_revision"):
+        settings.pop(not_in_the_bytes)  # the report, which records them, is rebuilt by every run
     settings["targets"] = sorted(str(t) for t in options.targets or ())
-    settings.update(fp8convert=__version__, source=str(src))
+    settings.update(fp8convert=__version__, torch=torch.__version__)
     return fingerprint([p for p in src.iterdir() if p.is_file()], settings)
 
 
@@ -185,18 +186,26 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
         problems += weight_problems(ckpt, reader, plan)
         raise combine(problems, where=str(src), hint=FIX_HINT)
     target = _target(plan, options)
-    created = not dst.exists()
+    created = not dst.exists() or all(p.name.startswith(TMP_PREFIX) for p in dst.iterdir())
     try:
         with locked(dst):
+            check_output(src, dst, options.overwrite, key)  # again: another run may have finished meanwhile
             tmp = workdir(dst, key)
             if not (tmp / STATE / COMMIT_MARKER).exists():  # else: killed while committing, finish that
                 try:
                     report = _write(src, tmp, ckpt, reader, plan, config, options, target, key)
                     report["options"]["aiu_skipped"] = aiu_skipped
                     write_json(tmp / REPORT_NAME, report)
-                except BadValues:
+                    if _fingerprint(src, options) != key:
+                        raise CheckpointError(
+                            "the source checkpoint changed during the conversion; nothing was written",
+                            where=str(src),
+                            hint="run the command again once the source is complete and no longer changing",
+                        )
+                except BadValues as bad:
                     discard(tmp, dst, created)
-                    raise combine(weight_problems(ckpt, reader, plan), where=str(src), hint=FIX_HINT) from None
+                    found: list[CheckpointError | str] = [*weight_problems(ckpt, reader, plan)] or [str(bad)]
+                    raise combine(found, where=str(src), hint=FIX_HINT) from None
                 except KeyboardInterrupt:
                     raise  # the temporary directory stays: the same command resumes from it
                 except BaseException:
@@ -206,6 +215,12 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
     except OSError as exc:
         if isinstance(exc, Fp8ConvertError):
             raise
+        if exc.filename and not Path(str(exc.filename)).resolve().is_relative_to(dst):
+            raise CheckpointError(
+                f"cannot read the source: {exc.strerror or exc}",
+                where=str(exc.filename),
+                hint="check the source files (deleted, unreadable or on a failing disk?) and run again",
+            ) from exc
         raise os_error(exc, dst) from exc
     logger.info("wrote %s", ", ".join(str(dst / str(t)) for t in sorted(options.targets)))
     return read_json(dst / REPORT_NAME, what="report")

@@ -199,7 +199,11 @@ class Producer:
             stored = rows_as_stored(reader, lin)
             span = _Span.of(ckpt.root, lin.weight, lin.expert, lin.rows, lin.in_features) if stored else None
             load = None if stored else functools.partial(lambda lin: reader.read_linear(ckpt, lin).weight, lin)
-        key, source = (f"{module}.weight", "bf16 (unquantized)") if lin is None else (lin.weight.key, describe(lin))
+        if lin is None:
+            dtype = dtype_name(ckpt.ref(f"{module}.weight").dtype).replace("bfloat16", "bf16")
+            key, source = f"{module}.weight", f"{dtype} (unquantized)"
+        else:
+            key, source = lin.weight.key, describe(lin)
         state = _Module(job, key, source, span, load, set(keys))
         self._modules[module] = state
         return state
@@ -211,7 +215,7 @@ class Producer:
             assert m.load is not None
             weight = m.load()
             if weight.dtype in FP8 and fp8_nan_count(weight):
-                raise BadValues(m.key)
+                raise BadValues(f"{m.key}: fp8 NaN/Inf codes in the weight")
             for r0, r1 in job.rows():
                 yield weight[r0:r1], r0
             return
@@ -219,9 +223,12 @@ class Producer:
         for r0, r1 in job.rows():
             buf = span.read(r0, r1)
             if span.dtype in FP8 and _has_nan(buf, len(buf), span.dtype):
-                raise BadValues(m.key)
-            rows = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
-            yield rows.view(span.dtype).reshape(r1 - r0, span.in_features), r0
+                raise BadValues(f"{m.key}: fp8 NaN/Inf codes in the weight")
+            raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+            rows = raw.view(span.dtype).reshape(r1 - r0, span.in_features)
+            if span.dtype not in FP8 and not bool(torch.isfinite(rows).all()):  # --quantize-unquantized
+                raise BadValues(f"{m.key}: NaN or Inf values in a weight to quantize")
+            yield rows, r0
 
     def _convert(self, m: _Module, module: str, sink: Sink | None) -> None:
         """Run the job over every row chunk, writing the result to ``sink`` (None: only for the scales)."""
@@ -232,7 +239,7 @@ class Producer:
 
                 def scan(buf: bytearray, n: int) -> None:
                     if _has_nan(buf, n, span.dtype):
-                        raise BadValues(m.key)
+                        raise BadValues(f"{m.key}: fp8 NaN/Inf codes in the weight")
 
                 sink.copy(span.path, span.offset, span.nbytes, scan)
         else:

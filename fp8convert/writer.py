@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fp8convert.errors import OutputError
+from fp8convert.errors import CheckpointError, OutputError
 from fp8convert.shards import INDEX_NAME, natural_key, sha256_file
 from fp8convert.spec import DTYPE_TO_ST
 
@@ -123,7 +123,11 @@ class Sink:
                 n = f.readinto(memoryview(buf)[: min(COPY_CHUNK, left)])
                 if not n:
                     self._pool.put(buf)
-                    raise OutputError(f"unexpected end of file at byte {offset + nbytes - left}", where=str(path))
+                    raise CheckpointError(
+                        f"unexpected end of file at byte {offset + nbytes - left}",
+                        where=str(path),
+                        hint="the file is truncated or changed during the conversion: download it again",
+                    )
                 if scan is not None:
                     try:
                         scan(buf, n)

@@ -172,3 +172,36 @@ def test_the_lock_is_released_when_the_holder_dies(make_ct, tmp_path):
     holder.kill()
     holder.wait()
     convert(src, out)
+
+
+def test_nan_in_a_weight_to_quantize_is_a_checkpoint_error(make_ct, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from fp8convert.errors import CheckpointError
+
+    src = make_ct("FP8_DYNAMIC", unquantized=("0.mlp.down_proj",), **DIMS)
+    path = src / "model.safetensors"
+    tensors = load_file(str(path))
+    tensors["model.layers.0.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="down_proj.weight: NaN or Inf values"):
+        convert(src, tmp_path / "out", ConvertOptions(quantize_unquantized=True))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_changed_during_the_conversion_is_refused(make_ct, tmp_path, monkeypatch):
+    from fp8convert import pipeline
+    from fp8convert.errors import CheckpointError
+
+    src = make_ct("FP8_DYNAMIC", **DIMS)
+    write = pipeline.write_json
+
+    def touch_source(path: Path, data: object) -> None:
+        write(path, data)
+        if path.name == "fp8convert-report.json":
+            (src / "config.json").write_text((src / "config.json").read_text())  # same bytes, new ctime
+
+    monkeypatch.setattr(pipeline, "write_json", touch_source)
+    with pytest.raises(CheckpointError, match="changed during the conversion"):
+        convert(src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

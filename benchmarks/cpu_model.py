@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from _common import timed
 
 KINDS = ("bf16", "fp8", "fp8 cached")
 
@@ -131,18 +131,6 @@ def _child_cmd(*args: str) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "_child", *args]
 
 
-def _timed(cmd: list[str], log: Path) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process (os.wait4: that child's own rusage)."""
-    with log.open("wb") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text(errors='replace')[-3000:]}")
-    return wall, usage.ru_maxrss * 1024
-
-
 def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*.safetensors"))
 
@@ -179,23 +167,23 @@ def main() -> None:
         if not (out / "cpu").exists():
             shutil.rmtree(src, ignore_errors=True)
             t0 = time.perf_counter()
-            _timed(_child_cmd("build", str(src), json.dumps(dims)), logs / "build.log")
+            timed(_child_cmd("build", str(src), json.dumps(dims)), logs / "build.log")
             build = time.perf_counter() - t0
             exe = str(Path(sys.executable).with_name("fp8convert"))
-            convert, _ = _timed([exe, "convert", str(src), str(out), "--target", "cpu", "-q"], logs / "convert.log")
+            convert, _ = timed([exe, "convert", str(src), str(out), "--target", "cpu", "-q"], logs / "convert.log")
             print(f"built the FP8_DYNAMIC source in {build:.0f} s; fp8convert convert --target cpu: {convert:.0f} s")
         if not bf16.exists():
-            _timed(_child_cmd("bf16", str(out / "cpu"), str(bf16)), logs / "bf16.log")
+            timed(_child_cmd("bf16", str(out / "cpu"), str(bf16)), logs / "bf16.log")
         fp8_size, bf16_size = _size(out / "cpu"), _size(bf16)
         params = (bf16_size // 2) / 1e9
-        _, base_rss = _timed(_child_cmd("imports"), logs / "imports.log")
+        _, base_rss = timed(_child_cmd("imports"), logs / "imports.log")
         figures: dict[str, list[dict]] = {k: [] for k in KINDS}
         for r in range(args.rounds):
             for kind in KINDS:
                 result = logs / f"{kind}-{r}.json"
                 path = bf16 if kind == "bf16" else out / "cpu"
                 cmd = _child_cmd("run", kind, str(path), str(result), str(args.prompt), str(args.decode))
-                _, rss = _timed([*cmd, str(args.threads)], logs / "run.log")
+                _, rss = timed([*cmd, str(args.threads)], logs / "run.log")
                 figures[kind].append({**json.loads(result.read_text()), "rss": rss - base_rss})
         if args.keep is None:
             shutil.rmtree(src, ignore_errors=True)

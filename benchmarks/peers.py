@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from _common import timed
+
 BLOCK = 128
 #: DeepSeek-V3's config block (4 keys); Qwen3-FP8 adds modules_to_not_convert
 DEEPSEEK_QC = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
@@ -312,19 +314,6 @@ def _size(path: Path) -> int:
     return sum(seen.values())
 
 
-def _timed(cmd: list[str], log: Path) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process (os.wait4: that child's own rusage)."""
-    with log.open("wb") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        tail = log.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{tail}")
-    return wall, usage.ru_maxrss * 1024
-
-
 @dataclass
 class Contender:
     label: str
@@ -343,7 +332,7 @@ class Contender:
         assert self.cmd is not None
         if self.out is not None and self.out.exists():
             shutil.rmtree(self.out)
-        wall, rss = _timed(self.cmd, log)
+        wall, rss = timed(self.cmd, log)
         self.walls.append(wall)
         self.rss.append(rss)
         if self.result is not None:
@@ -499,7 +488,7 @@ def main() -> None:
             subprocess.run(["cat", *map(str, src.glob("*.safetensors"))], check=True, stdout=subprocess.DEVNULL)
         base_rss: dict[str, int] = {}
         for python in {py, args.ct_python} if ct_version else {py}:
-            base_rss[python] = int(_med([_timed([python, "-c", "import torch"], logs / "base.log")[1] for _ in "123"]))
+            base_rss[python] = int(_med([timed([python, "-c", "import torch"], logs / "base.log")[1] for _ in "123"]))
 
         def ct_line(kind: str, src: Path, label: str) -> Contender:
             cmd = _child_cmd(args.ct_python, "ct", kind, str(src), str(root / f"ct-{kind}")) if ct_version else None

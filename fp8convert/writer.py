@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import logging
 import math
 import os
 import queue
@@ -30,6 +31,8 @@ from safetensors import safe_open
 from fp8convert.errors import CheckpointError, OutputError
 from fp8convert.shards import INDEX_NAME, natural_key, sha256_file
 from fp8convert.spec import DTYPE_TO_ST
+
+logger = logging.getLogger(__name__)
 
 #: Bytes per raw-copy read, and buffers in flight (the pool): a few MB, near the CPU caches.
 COPY_CHUNK = 4 << 20
@@ -283,6 +286,7 @@ def write_sharded(
         path = directory / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         entry = journal.reusable(path) if journal else None
         if entry is not None:
+            logger.info("%s: kept from an interrupted run (same bytes)", path.name)
             digests[path.name] = str(entry["sha256"])
             if resumed:
                 resumed(entry.get("notes") or {})  # type: ignore[arg-type]

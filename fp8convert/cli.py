@@ -296,8 +296,10 @@ def _convert_summary(report: dict, out: Path) -> list[str]:
 def convert(source: Path, out: Path, progress: bool, **options: Any) -> tuple[dict, str]:
     """Convert SOURCE (a local checkpoint directory) into OUT/aiu, OUT/cpu and OUT/fp8convert-report.json.
 
-    Everything is validated before anything is written; all problems are listed at once. The source is
-    never modified; the output appears atomically.
+    Headers and scales are validated before anything is written, fp8 codes as they stream; all problems are
+    listed at once. The source is never modified; the output appears atomically. Interrupted (Ctrl-C,
+    kill -9), the same command resumes from the last finished shard. A second run into the same OUT is
+    refused while the first one runs.
 
     \b
     fp8convert convert ./Llama-3.1-8B-FP8-dynamic out/

@@ -14,7 +14,6 @@ import torch
 from fp8convert.spec import Granularity, QuantizedLinear, WeightScheme
 
 E4M3_MAX = 448.0
-E4M3FNUZ_MAX = 240.0
 #: Elements per row chunk when requantizing: fp32 working memory stays bounded (DESIGN.md 6) and a chunk's
 #: temporaries stay near the CPU caches (4 MB of fp32 each).
 CHUNK_ELEMENTS = 1 << 20
@@ -92,13 +91,8 @@ def dequant_rows(codes: torch.Tensor, scale: torch.Tensor, scheme: WeightScheme,
     return x.mul_(s.repeat_interleave(bo, 0)[:rows].repeat_interleave(bi, 1)[:, :cols])
 
 
-def quantize_rows(hp: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """e4m3fn codes of ``hp / scale`` (fp32 division, explicit clamp to +-448, round-to-nearest-even)."""
-    return (hp / scale).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
 def requantize_rows(hp: torch.Tensor, scale: torch.Tensor, stats: ErrorStats, amax: torch.Tensor) -> torch.Tensor:
-    """``quantize_rows`` that consumes ``hp`` (divided in place) and adds the error to ``stats``, measured in
+    """``quantize(hp, scale)`` that consumes ``hp`` (divided in place) and adds the error to ``stats``, measured in
     fp8 units (decoded codes minus ``hp / scale``) and scaled back per row: no second dequantized copy."""
     signal = torch.linalg.vector_norm(hp, 2, dim=1)
     t = hp.div_(scale).clamp_(-E4M3_MAX, E4M3_MAX)

@@ -111,13 +111,17 @@ def os_error(exc: OSError, out: Path) -> OutputError:
 
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """Create ``out`` if needed and hold an exclusive lock on it (refused if another run holds it)."""
-    out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-    try:
+    """Create ``out`` if needed and hold an exclusive lock on it (refused if another run holds it).
+
+    A failed run removes an ``out`` it created, so the directory locked here may be gone by the time the lock
+    is granted: then the lock is taken again on the directory now at that path."""
+    for _ in range(5):
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise OutputError(
                 "another fp8convert run is writing into this directory",
                 where=str(out),
@@ -125,9 +129,27 @@ def locked(out: Path) -> Iterator[None]:
             ) from None
         except OSError as exc:  # NFS (no flock on a directory), Lustre without -o flock, ...
             logger.warning("%s: cannot lock the output directory (%s); make sure no other run writes there", out, exc)
+        if _same_directory(fd, out):
+            break
+        os.close(fd)
+    else:
+        raise OutputError(
+            "the output directory keeps being removed while fp8convert locks it",
+            where=str(out),
+            hint="make sure no other program deletes it",
+        )
+    try:
         yield
     finally:
         os.close(fd)
+
+
+def _same_directory(fd: int, path: Path) -> bool:
+    try:
+        st, now = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
 
 
 def workdir(out: Path, key: str) -> Path:

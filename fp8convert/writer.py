@@ -12,6 +12,7 @@ the last finished shard: a rerun re-hashes the recorded shards and skips the one
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import hashlib
 import json
@@ -175,6 +176,13 @@ class OutTensor:
 
 def plan_shards(tensors: list[OutTensor], max_shard_bytes: int) -> list[list[OutTensor]]:
     """Split tensors (in natural key order) into shards of at most ``max_shard_bytes`` each."""
+    counts = collections.Counter(t.key for t in tensors)
+    if twice := sorted(k for k, n in counts.items() if n > 1):
+        raise CheckpointError(
+            f"{len(twice)} output tensor name(s) would be written twice: {', '.join(twice[:5])}",
+            hint="the checkpoint holds two tensors that map to the same name (e.g. a native and an HF copy); "
+            "keep one layout in the source directory",
+        )
     shards: list[list[OutTensor]] = [[]]
     size = 0
     for t in sorted(tensors, key=lambda t: natural_key(t.key)):

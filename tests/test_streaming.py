@@ -4,6 +4,7 @@ a run killed between the commit's renames is finished by the same command."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 from pathlib import Path
@@ -205,3 +206,35 @@ def test_a_source_changed_during_the_conversion_is_refused(make_ct, tmp_path, mo
     with pytest.raises(CheckpointError, match="changed during the conversion"):
         convert(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_lock_is_taken_again_when_the_locked_directory_was_replaced(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    same = outdir._same_directory
+    calls = iter(range(100))
+
+    def replaced_once(fd: int, path: Path) -> bool:
+        if next(calls) == 0:  # a failed run removed OUT (it had created it) between our open and our flock
+            path.rmdir()
+        return same(fd, path)
+
+    monkeypatch.setattr(outdir, "_same_directory", replaced_once)
+    with outdir.locked(out):
+        assert out.is_dir()
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # the directory now at OUT is the one locked
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+
+
+def test_an_output_name_planned_twice_is_refused():
+    from fp8convert.errors import CheckpointError
+    from fp8convert.writer import OutTensor, plan_shards
+
+    def t(key: str) -> OutTensor:
+        return OutTensor(key, torch.bfloat16, (2,), lambda sink: None)
+
+    with pytest.raises(CheckpointError, match="1 output tensor name.*twice: model.norm.weight"):
+        plan_shards([t("model.norm.weight"), t("lm_head.weight"), t("model.norm.weight")], 1000)

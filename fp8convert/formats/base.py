@@ -62,9 +62,8 @@ class FormatReader(Protocol):
         ...
 
     def read_linear(self, ckpt: Checkpoint, linear: LinearPlan) -> QuantizedLinear:
-        """Load one linear's tensors and convert them to the canonical convention (fp32 multiplier scales).
-        A reader that returns weight rows in another order than stored (beyond ``LinearPlan.transposed``)
-        also defines ``permutes_rows(linear) -> bool`` (see produce.rows_as_stored)."""
+        """Load one linear's tensors in the canonical convention (fp32 multiplier scales). A reader that
+        reorders weight rows (beyond ``transposed``) also defines ``permutes_rows(linear) -> bool``."""
         ...
 
 
@@ -460,13 +459,14 @@ def read_linear_default(ckpt: Checkpoint, lin: LinearPlan, *, scale: torch.Tenso
     fused = lin.expert is not None
     n_experts = lin.weight.shape[0]
     w = ckpt.load(lin.weight.key, index=lin.expert)  # one expert's bytes only, never the whole fused tensor
-    if lin.transposed:
-        w = w.T
-    if lin.rows is not None:
-        w = w[lin.rows[0] : lin.rows[1]]
-    s = ckpt.load(lin.weight_scale.key) if scale is None else scale
-    if fused and s.dim() > 0 and s.shape[0] == n_experts and (s.dim() > 1 or n_experts > 1):
-        s = s[lin.expert]
+    w = w.T if lin.transposed else w
+    w = w[lin.rows[0] : lin.rows[1]] if lin.rows is not None else w
+    shape = lin.weight_scale.shape if scale is None else tuple(scale.shape)
+    per_expert = fused and len(shape) > 0 and shape[0] == n_experts and (len(shape) > 1 or n_experts > 1)
+    if scale is None:  # one expert's scales only, too
+        s = ckpt.load(lin.weight_scale.key, index=lin.expert if per_expert else None)
+    else:
+        s = scale[lin.expert] if per_expert else scale
     g = lin.scheme.granularity
     if lin.rows is not None and g is not Granularity.TENSOR and s.numel() > 1:
         bo = lin.scheme.block[0] if lin.scheme.block else 1

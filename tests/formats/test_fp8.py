@@ -754,16 +754,23 @@ def _fuse_experts(tensors: dict[str, torch.Tensor], scale_name: str, layers: int
 
 
 @pytest.mark.parametrize("scale_name", ["scale_inv", "weight_scale_inv"])
-def test_fused_3d_experts_split_per_expert(write, tmp_path: Path, scale_name: str) -> None:
+def test_fused_3d_experts_split_per_expert(write, tmp_path: Path, scale_name: str, monkeypatch) -> None:
     """transformers 5 fused `experts.gate_up_proj [E, 2I, H]` + `_scale_inv [E, ...]` (block 128): split into
-    per-expert gate/up/down linears, giving byte-identical outputs to the per-expert checkpoint."""
+    per-expert gate/up/down linears, giving byte-identical outputs to the per-expert checkpoint; each expert's
+    weight and scales are read alone, never the whole fused tensor (E^2 bytes over a layer)."""
     dims = {"hidden": 128, "moe_intermediate": 128, "intermediate": 256, "vocab": 64}
     tensors, config = fp8_tensors("qwen3-moe-block", **dims)
     per_expert = write(tensors, config)
     _fuse_experts(tensors, scale_name, layers=2, experts=4)
     fused = write(tensors, config)
     a = convert(per_expert, tmp_path / "a", CPU)
+    whole: list[str] = []
+    load = Checkpoint.load
+    monkeypatch.setattr(
+        Checkpoint, "load", lambda self, k, index=None: (index is None and whole.append(k)) or load(self, k, index)
+    )
     b = convert(fused, tmp_path / "b", CPU)
+    assert not [k for k in whole if ".experts." in k and "proj" in k]
     assert a["layers"] == b["layers"] and len(b["layers"]) == 2 * (4 + 4 * 3)
     _, out_a = _out(tmp_path / "a")
     _, out_b = _out(tmp_path / "b")

@@ -33,12 +33,11 @@ from fp8convert.numerics import (
     row_amax,
     row_chunks,
 )
-from fp8convert.spec import AIU_SCHEMES, ActScheme, Granularity, LinearPlan, QuantizedLinear, WeightScheme
+from fp8convert.spec import AIU_SCHEMES, FP8_DTYPES, ActScheme, Granularity, LinearPlan, QuantizedLinear, WeightScheme
 
 CHANNEL = WeightScheme(granularity=Granularity.CHANNEL)
 TENSOR = WeightScheme(granularity=Granularity.TENSOR)
 PRIMARY = (Granularity.CHANNEL, ActScheme.DYNAMIC_TOKEN)
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -25,6 +25,7 @@ from fp8convert.numerics import CHUNK_ELEMENTS, fp8_nan_count
 from fp8convert.shards import Checkpoint
 from fp8convert.spec import (
     FLOAT_DTYPES,
+    FP8_DTYPES,
     ActScheme,
     CheckpointPlan,
     Granularity,
@@ -35,8 +36,6 @@ from fp8convert.spec import (
 )
 from fp8convert.writer import OutTensor, Sink
 from fp8convert.writers import aiu
-
-FP8 = (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz)
 
 
 class BadValues(Exception):
@@ -214,7 +213,7 @@ class Producer:
         if m.span is None:
             assert m.load is not None
             weight = m.load()
-            if weight.dtype in FP8 and fp8_nan_count(weight):
+            if weight.dtype in FP8_DTYPES and fp8_nan_count(weight):
                 raise BadValues(f"{m.key}: fp8 NaN/Inf codes in the weight")
             for r0, r1 in job.rows():
                 yield weight[r0:r1], r0
@@ -222,11 +221,11 @@ class Producer:
         span = m.span
         for r0, r1 in job.rows():
             buf = span.read(r0, r1)
-            if span.dtype in FP8 and _has_nan(buf, len(buf), span.dtype):
+            if span.dtype in FP8_DTYPES and _has_nan(buf, len(buf), span.dtype):
                 raise BadValues(f"{m.key}: fp8 NaN/Inf codes in the weight")
             raw = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
             rows = raw.view(span.dtype).reshape(r1 - r0, span.in_features)
-            if span.dtype not in FP8 and not bool(torch.isfinite(rows).all()):  # --quantize-unquantized
+            if span.dtype not in FP8_DTYPES and not bool(torch.isfinite(rows).all()):  # --quantize-unquantized
                 raise BadValues(f"{m.key}: NaN or Inf values in a weight to quantize")
             yield rows, r0
 

@@ -177,7 +177,6 @@ def convert(source: str | Path, out: str | Path, options: ConvertOptions = Conve
     options, aiu_skipped = resolve_targets(options, config)
     assert options.targets is not None
     key = _fingerprint(src, options)
-    check_output(src, dst, options.overwrite, key)
     if aiu_skipped:
         logger.warning("writing the CPU variant only: %s", aiu_skipped)
     problems: list[CheckpointError | str] = [*plan.problems, *target_problems(config, plan, options)]
@@ -239,23 +238,8 @@ def _write(
 ) -> dict:
     """Everything into ``tmp``: shards (resuming finished ones), config, tokenizer, CPU variant, report."""
     assert options.targets is not None
-    with Producer(ckpt, reader, target) as producer:
-        return _write_with(src, tmp, ckpt, plan, config, options, target, key, producer)
-
-
-def _write_with(
-    src: Path,
-    tmp: Path,
-    ckpt: Checkpoint,
-    plan: CheckpointPlan,
-    config: dict,
-    options: ConvertOptions,
-    target: tuple[Granularity, ActScheme],
-    key: str,
-    producer: Producer,
-) -> dict:
-    assert options.targets is not None
     to_bf16 = Target.AIU in options.targets  # the CPU variant alone keeps the source's dtypes
+    producer = Producer(ckpt, reader, target)
     outs, fake, passthrough = plan_outputs(ckpt, plan, producer, quantize=_to_quantize(plan, options), to_bf16=to_bf16)
     first = Target.AIU if Target.AIU in options.targets else Target.CPU
     work = tmp / str(first)
@@ -267,7 +251,7 @@ def _write_with(
     for entry in work.iterdir():
         if entry.name not in journal.shards:
             entry.unlink()
-    with _bar(options, "Convert", sum(t.nbytes for t in outs)) as bar:
+    with producer, _bar(options, "Convert", sum(t.nbytes for t in outs)) as bar:
         known = write_sharded(
             work,
             outs,

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
-from fp8convert.errors import CheckpointError
 from fp8convert.formats.base import FormatReader
 from fp8convert.normalize import Chunk, DequantJob, Job, LinearJob, QuantizeJob
 from fp8convert.numerics import CHUNK_ELEMENTS, fp8_nan_count
-from fp8convert.shards import Checkpoint
+from fp8convert.shards import Checkpoint, read_range
 from fp8convert.spec import (
     FLOAT_DTYPES,
     FP8_DTYPES,
@@ -104,23 +103,6 @@ class _Span:
     def read(self, r0: int, r1: int) -> bytearray:
         width = self.in_features * self.dtype.itemsize
         return read_range(self.path, self.offset + r0 * width, (r1 - r0) * width)
-
-
-def read_range(path: Path, offset: int, nbytes: int) -> bytearray:
-    """``nbytes`` of ``path`` at ``offset``: a plain read, no mmap."""
-    buf = bytearray(nbytes)
-    with path.open("rb", buffering=0) as f:
-        f.seek(offset)
-        view, got = memoryview(buf), 0
-        while got < nbytes and (n := f.readinto(view[got:])):
-            got += n
-    if got != nbytes:
-        raise CheckpointError(
-            f"unexpected end of file at byte {offset + got}",
-            where=str(path),
-            hint="the file is truncated or changed during the conversion: download it again",
-        )
-    return buf
 
 
 def count_nan_codes(ckpt: Checkpoint, reader: FormatReader, lin: LinearPlan) -> int:

@@ -76,6 +76,23 @@ def _escapes(root: Path, path: Path) -> str | None:
     return f"{path.name} is a symlink to {target}, outside the checkpoint directory"
 
 
+def read_range(path: Path, offset: int, nbytes: int) -> bytearray:
+    """``nbytes`` of ``path`` at ``offset``: a plain read, no mmap."""
+    buf = bytearray(nbytes)
+    with path.open("rb", buffering=0) as f:
+        f.seek(offset)
+        view, got = memoryview(buf), 0
+        while got < nbytes and (n := f.readinto(view[got:])):
+            got += n
+    if got != nbytes:
+        raise CheckpointError(
+            f"unexpected end of file at byte {offset + got}",
+            where=str(path),
+            hint="the file is truncated or changed during the conversion: download it again",
+        )
+    return buf
+
+
 class Checkpoint:
     """A local checkpoint directory: config files, the index, and every tensor's header entry.
 
@@ -253,15 +270,7 @@ class Checkpoint:
         if index is not None:
             nbytes //= shape[0]
             offset, shape = offset + index * nbytes, shape[1:]
-        buf = bytearray(nbytes)
-        with (self.root / ref.file).open("rb") as f:
-            f.seek(offset)
-            if f.readinto(buf) != nbytes:
-                raise CheckpointError(
-                    f"unexpected end of file reading {key}",
-                    where=str(self.root / ref.file),
-                    hint="the file is truncated: download it again",
-                )
+        buf = read_range(self.root / ref.file, offset, nbytes)
         if not buf:
             return torch.empty(shape, dtype=ref.dtype)
         return torch.frombuffer(buf, dtype=torch.uint8).view(ref.dtype).reshape(shape)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from fp8convert.numerics import denormals_flushed, fp8_nan_count
 from fp8convert.spec import ActScheme
 
 E4M3_MAX = 448.0
@@ -177,16 +178,6 @@ def _buffer(name: str, numel: int, device: torch.device) -> torch.Tensor:
 
 
 # ---- weights ----------------------------------------------------------------------------------------
-def _denormals_flushed() -> bool:
-    """True when the CPU flushes denormals (``torch.set_flush_denormal(True)``): the bit trick needs them."""
-    return bool(torch.tensor([2.0**-140], dtype=torch.float32).mul(2.0).item() == 0.0)
-
-
-def has_nan_codes(weight: torch.Tensor) -> bool:
-    """True if an e4m3fn tensor holds a NaN code (0x7F / 0xFF)."""
-    return bool(torch.any((weight.view(torch.uint8) & 0x7F) == 0x7F))
-
-
 def _shifted_scale(scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``scale * 2**bias`` in ``dtype`` (bias: ``dtype``'s in ``_LAYOUT``; scale None: 1), or None where that is
     not exact (overflow, NaN, or a scale with more precision than ``dtype``)."""
@@ -235,7 +226,7 @@ def fast_path_ok(weight: torch.Tensor, dtype: torch.dtype) -> bool:
         and weight.dtype == torch.float8_e4m3fn
         and weight.dim() == 2
         and weight.is_contiguous()
-        and not _denormals_flushed()
+        and not denormals_flushed()
     )
 
 
@@ -264,7 +255,7 @@ def dequantize_weight(
         shifted = state.shifted_for(scale, dtype) if state is not None else _shifted_scale(scale, dtype)
         if shifted is not None and shifted.numel() not in (1, weight.shape[0]):
             shifted = None  # a scale that does not fit the rows: the plain formula raises the broadcasting error
-        if shifted is not None and not (state.nan_free_for(weight) if state is not None else not has_nan_codes(weight)):
+        if shifted is not None and not (state.nan_free_for(weight) if state is not None else not fp8_nan_count(weight)):
             shifted = None
     if layout is None or shifted is None:
         w = dequantize_weight_plain(weight, scale, dtype)
@@ -331,5 +322,5 @@ class WeightState:
     def nan_free_for(self, weight: torch.Tensor) -> bool:
         """Whether ``weight`` (a CPU e4m3fn tensor) has no NaN code, checked once per weight tensor."""
         if self.nan_free is None:
-            self.nan_free = not has_nan_codes(weight)
+            self.nan_free = not fp8_nan_count(weight)
         return self.nan_free

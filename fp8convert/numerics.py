@@ -44,6 +44,12 @@ def expand_scale(scale: torch.Tensor, scheme: WeightScheme, out_features: int, i
 _SUBNORMAL = torch.tensor([2.0**-130])
 
 
+def denormals_flushed() -> bool:
+    """True when the CPU flushes denormals (``torch.set_flush_denormal(True)``): the integer decodes of fp8
+    codes go through fp32/bf16 subnormals and would then read zero."""
+    return float(_SUBNORMAL * 2.0) == 0.0
+
+
 def fp8_decode(codes: torch.Tensor) -> torch.Tensor:
     """fp32 values of fp8 codes, as a new tensor. Precondition: no NaN codes (callers check them first).
 
@@ -53,7 +59,7 @@ def fp8_decode(codes: torch.Tensor) -> torch.Tensor:
     (tested on all 256); NaN codes would decode to +-480. Where denormals are flushed
     (``torch.set_flush_denormal(True)``) the trick would zero subnormal codes, so torch's cast is used.
     """
-    if codes.dtype != torch.float8_e4m3fn or float(_SUBNORMAL * 2.0) == 0.0:
+    if codes.dtype != torch.float8_e4m3fn or denormals_flushed():
         return codes.to(torch.float32)
     bits = codes.view(torch.int8).to(torch.int16)  # sign-extended: bit 15 is the sign
     sign = bits & -(2**15)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fp8convert import dequant
+from fp8convert import dequant, numerics
 from fp8convert.dequant import (
     dequantize_weight,
     dequantize_weight_plain,
@@ -113,13 +113,13 @@ def test_scales_that_are_not_exact_in_the_target_dtype_fall_back() -> None:
     if not torch.set_flush_denormal(True):
         pytest.skip("this CPU cannot flush denormals")
     try:
-        assert dequant._denormals_flushed()
+        assert numerics.denormals_flushed()
         scale = torch.full((64, 1), 2.0**-3, dtype=torch.bfloat16)
         want = dequantize_weight_plain(weight, scale, torch.bfloat16)
         assert torch.equal(_bits(dequantize_weight(weight, scale, torch.bfloat16)), _bits(want))
     finally:
         torch.set_flush_denormal(False)
-    assert not dequant._denormals_flushed()
+    assert not numerics.denormals_flushed()
 
 
 def test_a_scale_that_does_not_fit_the_rows_raises() -> None:
